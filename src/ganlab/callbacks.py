@@ -1,0 +1,138 @@
+"""Callbacks that act every N *generator* steps: sample grids, checkpoints, a quiet progress report."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.loggers import WandbLogger
+from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+from ganlab.module import GANModule
+
+
+def _due(module: GANModule, every: int) -> bool:
+    """True right after a generator step that completes an interval, and after the last step."""
+    return module.g_step % every == 0 or module.g_step == module.max_steps
+
+
+def save_preview(module: GANModule, samples: torch.Tensor, path: Path) -> None:
+    """Write a sample grid (images) or a scatter plot over the real data (2-D points) to ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if module.data.kind == "image":
+        import torchvision
+
+        img = module.data.to_uint8(samples).float() / 255.0
+        # small images (8x8 digits) are upscaled with nearest neighbours so a grid is readable
+        scale = max(1, 64 // img.shape[-1])
+        if scale > 1:
+            img = torch.nn.functional.interpolate(img, scale_factor=scale, mode="nearest")
+        nrow = int(len(img) ** 0.5)
+        torchvision.utils.save_image(img, path, nrow=nrow, padding=2, pad_value=1.0)
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    real = module.real_pool[: len(samples) * 2].float().cpu()
+    fake = samples.float().cpu()
+    fig, ax = plt.subplots(figsize=(4, 4), dpi=100)
+    if real.shape[1] >= 2:
+        ax.scatter(real[:, 0], real[:, 1], s=2, c="0.7", label="real")
+        ax.scatter(fake[:, 0], fake[:, 1], s=2, c="tab:red", label="G(z)")
+        lim = float(real.abs().max()) * 1.3
+        ax.set_xlim(-lim, lim)
+        ax.set_ylim(-lim, lim)
+        ax.set_aspect("equal")
+    else:
+        ax.hist([real[:, 0].numpy(), fake[:, 0].numpy()], bins=60, density=True, label=["real", "G(z)"])
+    ax.set_title(f"generator step {module.g_step}")
+    ax.legend(loc="upper right", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+class SampleGrid(pl.Callback):
+    """Every ``every`` generator steps: samples from the fixed noise, saved as ``samples/step_XXXXXXX.png`` and
+    logged to W&B as ``samples``."""
+
+    def __init__(self, run_dir: Path, every: int) -> None:
+        self.dir, self.every = Path(run_dir) / "samples", every
+
+    def on_train_batch_end(self, trainer: pl.Trainer, module: GANModule, *args: Any) -> None:
+        if _due(module, self.every):
+            path = self.dir / f"step_{module.g_step:07d}.png"
+            save_preview(module, module.sample(z=module.fixed_z), path)
+            for logger in trainer.loggers:
+                if isinstance(logger, WandbLogger):
+                    logger.log_image("samples", [str(path)], step=module.g_step)
+
+
+class PeriodicCheckpoint(pl.Callback):
+    """``checkpoints/last.ckpt`` every ``every`` generator steps, at the end, and on SIGTERM (preemption).
+
+    It never saves after a non-finite loss (``assert_finite`` raises first), so ``last.ckpt`` is always the
+    last good state.
+    """
+
+    def __init__(self, run_dir: Path, every: int) -> None:
+        self.path, self.every = Path(run_dir) / "checkpoints" / "last.ckpt", every
+
+    def save(self, trainer: pl.Trainer, module: GANModule) -> None:
+        module.assert_finite()
+        tmp = self.path.with_suffix(".tmp")
+        trainer.save_checkpoint(tmp)
+        if trainer.is_global_zero:
+            tmp.replace(self.path)  # atomic: a kill during saving leaves the previous last.ckpt intact
+
+    def on_train_batch_end(self, trainer: pl.Trainer, module: GANModule, *args: Any) -> None:
+        if _due(module, self.every):
+            self.save(trainer, module)
+
+    def on_exception(self, trainer: pl.Trainer, module: GANModule, exception: BaseException) -> None:
+        if isinstance(exception, SIGTERMException):
+            self.save(trainer, module)
+
+
+class StepProgress(pl.Callback):
+    """Progress in generator steps: a tqdm bar on a terminal, otherwise about 20 plain lines per run (a
+    redrawn bar would write megabytes into a CI or SLURM log)."""
+
+    def __init__(self, lines: int = 20) -> None:
+        self.lines = lines
+        self.bar = None
+
+    def on_train_start(self, trainer: pl.Trainer, module: GANModule) -> None:
+        self.t0, self.step0 = time.perf_counter(), module.g_step
+        self.print_every = max(1, module.max_steps // self.lines)
+        if sys.stdout.isatty() and trainer.is_global_zero:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=module.max_steps, initial=module.g_step, unit="G step", dynamic_ncols=True)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, module: GANModule, *args: Any) -> None:
+        if not trainer.is_global_zero:
+            return
+        if self.bar is not None:
+            self.bar.update(1)
+            if module.g_step % module.log_every == 0:
+                self.bar.set_postfix(self._fields(module), refresh=False)
+        elif _due(module, self.print_every):
+            rate = (module.g_step - self.step0) / max(time.perf_counter() - self.t0, 1e-9)
+            fields = " ".join(f"{k} {v}" for k, v in self._fields(module).items())
+            print(f"[G step {module.g_step}/{module.max_steps}] {fields} | {rate:.1f} G steps/s", flush=True)
+
+    @staticmethod
+    def _fields(module: GANModule) -> dict[str, str]:
+        keys = ("loss/d", "loss/g", "D(x)", "D(G(z))")
+        return {k: f"{module.last_logged[k]:.3f}" for k in keys if k in module.last_logged}
+
+    def on_train_end(self, trainer: pl.Trainer, module: GANModule) -> None:
+        if self.bar is not None:
+            self.bar.close()

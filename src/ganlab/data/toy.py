@@ -1,0 +1,61 @@
+"""Generated low-dimensional data: PacGAN's 2-D Gaussian mixtures (Lin et al. 2018, Table 1)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from ganlab.data.base import InMemoryData
+
+
+class GaussianMixture2D(InMemoryData):
+    """Equal-weight mixture of isotropic Gaussians at ``centers`` with standard deviation ``std``.
+
+    A fixed pool of ``n_train`` points (and ``n_test`` held-out ones) is drawn once with ``data_seed``, so the
+    data set is the same for every run and seed; the label of a point is the index of its mode.
+    """
+
+    kind = "points"
+    n_preview = 1000  # points in each scatter plot
+
+    def __init__(self, n_train: int = 100_000, n_test: int = 2_500, data_seed: int = 1234) -> None:
+        super().__init__()
+        self.n_train, self.n_test, self.data_seed = n_train, n_test, data_seed
+        self.num_classes = len(self.centers)
+
+    centers: Tensor
+    std: float
+
+    def load(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        g = torch.Generator().manual_seed(self.data_seed)
+        k = len(self.centers)
+
+        def draw(n: int) -> tuple[Tensor, Tensor]:
+            y = torch.randint(k, (n,), generator=g)
+            x = self.centers[y] + self.std * torch.randn(n, 2, generator=g)
+            return x, y
+
+        train_x, train_y = draw(self.n_train)
+        test_x, test_y = draw(self.n_test)
+        return train_x, train_y, test_x, test_y
+
+
+class Ring8(GaussianMixture2D):
+    """Eight Gaussians on the unit circle, std 0.01 (PacGAN's 2D-ring)."""
+
+    name = "ring8"
+    centers = torch.tensor(
+        [[math.cos(2 * math.pi * i / 8), math.sin(2 * math.pi * i / 8)] for i in range(8)],
+        dtype=torch.float32,
+    )
+    std = 0.01
+
+
+class Grid25(GaussianMixture2D):
+    """A 5x5 grid of Gaussians at (-4 + 2i, -4 + 2j), std 0.05 (PacGAN's 2D-grid)."""
+
+    name = "grid25"
+    centers = torch.tensor([[-4.0 + 2 * i, -4.0 + 2 * j] for i in range(5) for j in range(5)], dtype=torch.float32)
+    std = 0.05

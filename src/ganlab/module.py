@@ -1,0 +1,288 @@
+"""The GAN as a LightningModule with manual optimisation: Goodfellow et al.'s Algorithm 1 with pluggable parts.
+
+One ``training_step`` is one *generator step*: ``d_steps`` discriminator updates, each on a fresh real minibatch
+and fresh noise, then one generator update. Lightning's ``global_step`` counts optimizer steps under manual
+optimisation (``d_steps + 1`` per generator step); every budget and interval of this project counts generator
+steps (``g_step``) instead, and both are logged.
+
+All randomness of generator step ``s`` (real-batch indices, noise) comes from a generator seeded with
+``(seed, s)``, so a resumed run draws exactly the batches an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor, nn
+
+from ganlab.losses import GeneratorObjective, discriminator_loss
+
+Player = Literal["D", "G"]
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One entry of the alternating schedule: update ``player`` ``repeats`` times."""
+
+    player: Player
+    repeats: int
+
+
+class Trick:
+    """Base of the pluggable training tricks (the ``tricks`` config group); every hook is optional.
+
+    - ``real_target``: the D loss's target for real examples (one-sided label smoothing sets it below 1);
+    - ``penalty(player, net)``: a term added to that player's loss (historical averaging);
+    - ``after_update(player, net)``: called after each optimizer step of that player;
+    - ``state_dict``/``load_state_dict``: saved in and restored from checkpoints.
+    """
+
+    real_target: float | None = None
+
+    def setup(self, module: GANModule) -> None:
+        """Called once the module holds its networks (e.g. to snapshot parameters)."""
+
+    def penalty(self, player: Player, net: nn.Module) -> Tensor | None:
+        return None
+
+    def after_update(self, player: Player, net: nn.Module) -> None:
+        """Called after every optimizer step of ``player``."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` saved."""
+
+
+def _rng_seed(seed: int, step: int) -> int:
+    # A simple bijective mix of (seed, step) into 63 bits: distinct steps and seeds give distinct streams.
+    return (seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9 + 1) % (2**63 - 1)
+
+
+class GANModule(pl.LightningModule):
+    """Generator ``G``, discriminator ``D`` and the alternating k:1 schedule.
+
+    Args:
+        generator: maps ``[n, z_dim]`` noise to samples; must have a ``z_dim`` attribute.
+        discriminator: ``x -> (logits [n], list of hidden features)``.
+        objective: what G minimises (a :class:`~ganlab.losses.GeneratorObjective`).
+        data: the in-memory data set (its training tensor is sampled by index).
+        d_steps: k, discriminator updates per generator update.
+        batch_size: m, examples per real batch and per fake batch.
+        max_steps: training budget in generator steps.
+        optim_g, optim_d: Adam settings (``lr``, ``betas``) of each player.
+        seed: seeds the sampling stream and the fixed noise of the sample grids.
+        log_every: log scalars every this many generator steps (never per step: logging costs more than a
+            small model's step).
+        n_fixed: number of fixed-noise samples for the sample grid (default: the data set's ``n_preview``).
+        tricks: pluggable :class:`Trick` objects.
+    """
+
+    def __init__(
+        self,
+        generator: nn.Module,
+        discriminator: nn.Module,
+        objective: GeneratorObjective,
+        data: Any,
+        *,
+        d_steps: int = 1,
+        batch_size: int = 64,
+        max_steps: int = 1000,
+        optim_g: Mapping[str, Any] | None = None,
+        optim_d: Mapping[str, Any] | None = None,
+        seed: int = 0,
+        log_every: int = 50,
+        n_fixed: int | None = None,
+        tricks: Sequence[Trick] = (),
+    ) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.G, self.D, self.objective, self.data = generator, discriminator, objective, data
+        self.d_steps, self.batch_size, self.max_steps = int(d_steps), int(batch_size), int(max_steps)
+        self.optim_g, self.optim_d = dict(optim_g or {}), dict(optim_d or {})
+        self.seed, self.log_every = int(seed), int(log_every)
+        self.tricks = list(tricks)
+        self.schedule = (Phase("D", self.d_steps), Phase("G", 1))
+        self.z_dim = int(generator.z_dim)
+        data.setup()
+        # The training set moves with the module (to the GPU when there is one); not saved in checkpoints.
+        self.register_buffer("real_pool", data.train_x, persistent=False)
+        fixed = torch.randn(n_fixed or data.n_preview, self.z_dim, generator=torch.Generator().manual_seed(self.seed))
+        self.register_buffer("fixed_z", fixed)
+        self.real_target = 1.0
+        for trick in self.tricks:
+            if trick.real_target is not None:
+                self.real_target = float(trick.real_target)
+            trick.setup(self)
+        self.g_step = 0  # completed generator updates
+        self.d_step = 0  # completed discriminator updates
+        self.last_logged: dict[str, float] = {}
+        self._nonfinite: Tensor | None = None  # device flag, checked at log/checkpoint boundaries only
+
+    # -- helpers ----------------------------------------------------------------------------------------------
+    def step_generator(self, step: int) -> torch.Generator:
+        """The random stream of generator step ``step`` on this module's device."""
+        return torch.Generator(device=self.device).manual_seed(_rng_seed(self.seed, step))
+
+    def real_batch(self, idx: Tensor) -> Tensor:
+        """Gather real examples by index and map them to model space."""
+        return self.data.to_model(self.real_pool[idx])
+
+    @torch.no_grad()
+    def sample(
+        self, n: int | None = None, *, seed: int | None = None, z: Tensor | None = None, chunk: int = 500
+    ) -> Tensor:
+        """Generate ``n`` samples (model space) from seeded noise, or from ``z``; G in eval mode."""
+        if z is None:
+            g = torch.Generator(device=self.device).manual_seed(self.seed if seed is None else seed)
+            z = torch.randn(n, self.z_dim, generator=g, device=self.device)
+        was_training = self.G.training
+        self.G.eval()
+        try:
+            return torch.cat([self.G(part) for part in z.split(chunk)])
+        finally:
+            self.G.train(was_training)
+
+    def _set_trainable(self, player: Player) -> None:
+        # Only the updated player's parameters collect gradients: a G update never pays for D's weight grads.
+        for p in self.D.parameters():
+            p.requires_grad_(player == "D")
+        for p in self.G.parameters():
+            p.requires_grad_(player == "G")
+
+    def _flag_nonfinite(self, loss: Tensor) -> None:
+        bad = ~torch.isfinite(loss.detach())
+        self._nonfinite = bad if self._nonfinite is None else self._nonfinite | bad
+
+    def assert_finite(self) -> None:
+        """Raise if any loss since the last check was NaN/inf (one host sync; called before logging and saving,
+        so a checkpoint never holds weights updated from a non-finite loss)."""
+        if self._nonfinite is not None and bool(self._nonfinite):
+            raise FloatingPointError(
+                f"non-finite loss before generator step {self.g_step}: training stopped, last.ckpt is the last "
+                "good state (lower the learning rates or change the loss)"
+            )
+        self._nonfinite = None
+
+    @staticmethod
+    def _grad_norm(net: nn.Module) -> Tensor:
+        grads = [p.grad.detach().flatten() for p in net.parameters() if p.grad is not None]
+        return torch.cat(grads).norm() if grads else torch.zeros(())
+
+    def _penalties(self, player: Player, net: nn.Module) -> Tensor | None:
+        terms = [t for t in (trick.penalty(player, net) for trick in self.tricks) if t is not None]
+        return torch.stack(terms).sum() if terms else None
+
+    # -- the schedule -----------------------------------------------------------------------------------------
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        opt_g, opt_d = self.optimizers()
+        k, m = self.d_steps, self.batch_size
+        log_now = (self.g_step + 1) % self.log_every == 0 or self.g_step + 1 == self.max_steps
+        gen = self.step_generator(self.g_step)
+        # k fresh real batches for D, one more for G's feature statistics; noise for k D steps and 1 G step
+        idx = torch.randint(len(self.real_pool), (k + 1, m), generator=gen, device=self.device)
+        z = torch.randn(k + 1, m, self.z_dim, generator=gen, device=self.device)
+        logs: dict[str, Tensor] = {}
+        d_i = 0
+        for phase in self.schedule:
+            self._set_trainable(phase.player)
+            for _ in range(phase.repeats):
+                if phase.player == "D":
+                    logs.update(self._d_update(opt_d, self.real_batch(idx[d_i]), z[d_i], log_now))
+                    d_i += 1
+                else:
+                    logs.update(self._g_update(opt_g, idx[k], z[k], log_now))
+        self.g_step += 1
+        if log_now:
+            self._log(logs)
+
+    def _d_update(self, opt: Any, real: Tensor, z: Tensor, log_now: bool) -> dict[str, Tensor]:
+        with torch.no_grad():
+            fake = self.G(z)
+        real_logits, _ = self.D(real)
+        fake_logits, _ = self.D(fake)
+        loss, logs = discriminator_loss(real_logits, fake_logits, self.real_target)
+        penalty = self._penalties("D", self.D)
+        if penalty is not None:
+            loss = loss + penalty
+            logs["loss/d_penalty"] = penalty.detach()
+        opt.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        self._flag_nonfinite(loss)
+        if log_now:
+            logs["grad_norm/d"] = self._grad_norm(self.D)
+            logs["D(x)"] = torch.sigmoid(real_logits.detach()).mean()
+        opt.step()
+        self.d_step += 1
+        for trick in self.tricks:
+            trick.after_update("D", self.D)
+        logs["loss/d"] = loss.detach()
+        return logs
+
+    def _g_update(self, opt: Any, real_idx: Tensor, z: Tensor, log_now: bool) -> dict[str, Tensor]:
+        fake = self.G(z)
+        fake_logits, fake_feats = self.D(fake)
+        layers = self.objective.feature_layers
+        kwargs: dict[str, Any] = {}
+        if layers is not None:
+            with torch.no_grad():
+                _, real_feats = self.D(self.real_batch(real_idx))
+            kwargs = {
+                "fake_feats": [fake_feats[i] for i in layers],
+                "real_feats": [real_feats[i] for i in layers],
+            }
+        loss, logs = self.objective(fake_logits, g_step=self.g_step, **kwargs)
+        penalty = self._penalties("G", self.G)
+        if penalty is not None:
+            loss = loss + penalty
+            logs["loss/g_penalty"] = penalty.detach()
+        opt.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        self._flag_nonfinite(loss)
+        if log_now:
+            logs["grad_norm/g"] = self._grad_norm(self.G)
+            logs["D(G(z))"] = torch.sigmoid(fake_logits.detach()).mean()
+        opt.step()
+        for trick in self.tricks:
+            trick.after_update("G", self.G)
+        return logs
+
+    def _log(self, logs: Mapping[str, Tensor]) -> None:
+        self.assert_finite()
+        names = list(logs)
+        values = torch.stack([logs[n].float() for n in names]).tolist()  # one host sync per log interval
+        metrics = dict(zip(names, values, strict=True))
+        metrics["step/g"], metrics["step/d"] = self.g_step, self.d_step
+        self.last_logged.update(metrics)
+        for logger in self.trainer.loggers:
+            logger.log_metrics(metrics, step=self.g_step)
+
+    # -- Lightning plumbing -----------------------------------------------------------------------------------
+    def train_dataloader(self) -> Any:
+        return self.data.train_dataloader()  # one tick per generator step; real batches are sampled above
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        def adam(params: Any, cfg: Mapping[str, Any]) -> torch.optim.Optimizer:
+            return torch.optim.Adam(params, lr=float(cfg.get("lr", 2e-4)), betas=tuple(cfg.get("betas", (0.5, 0.999))))
+
+        return [adam(self.G.parameters(), self.optim_g), adam(self.D.parameters(), self.optim_d)]
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["ganlab"] = {
+            "g_step": self.g_step,
+            "d_step": self.d_step,
+            "torch_rng": torch.get_rng_state(),
+            "tricks": [trick.state_dict() for trick in self.tricks],
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint["ganlab"]
+        self.g_step, self.d_step = int(state["g_step"]), int(state["d_step"])
+        torch.set_rng_state(state["torch_rng"])
+        for trick, trick_state in zip(self.tricks, state["tricks"], strict=True):
+            trick.load_state_dict(trick_state)

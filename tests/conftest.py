@@ -1,0 +1,47 @@
+"""Shared fixtures: composing the project's config with Hydra's compose API, tiny budgets, and a quiet CPU."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+TRAIN = ROOT / "src" / "train.py"
+
+os.environ.setdefault("WANDB_SILENT", "true")
+
+
+def compose_cfg(overrides: Sequence[str] = ()) -> DictConfig:
+    """The config ``python src/train.py <overrides>`` would run with (without the hydra node)."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+def run_cli(
+    args: Sequence[str], tmp_path: Path, env: dict[str, str] | None = None, timeout: int = 300
+) -> subprocess.CompletedProcess:
+    """Run ``src/train.py`` in a subprocess with its outputs under ``tmp_path``."""
+    full_env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", **(env or {})}
+    cmd = [
+        sys.executable,
+        str(TRAIN),
+        f"hydra.run.dir={tmp_path / 'run'}",
+        f"hydra.sweep.dir={tmp_path / 'multirun'}",
+        *args,
+    ]
+    return subprocess.run(cmd, cwd=tmp_path, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(autouse=True)
+def _few_threads() -> None:
+    import torch
+
+    torch.set_num_threads(2)

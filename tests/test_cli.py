@@ -1,0 +1,93 @@
+"""The entry point from the command line: every arm on 2-D and image data writes its run folder; bad input
+exits non-zero with a one-line reason."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import CONF, run_cli
+
+ARMS = sorted(p.stem for p in (CONF / "loss").glob("*.yaml"))
+FAST = ["max_steps=3", "log_every=1", "sample_every=3", "ckpt_every=3", "batch_size=16"]
+
+
+def test_the_arms_are_the_four_of_the_comparison_plus_the_schedule() -> None:
+    assert set(ARMS) == {
+        "minimax",
+        "non_saturating",
+        "feature_matching",
+        "minibatch_discrimination",
+        "ns_then_minimax",
+    }
+
+
+@pytest.mark.parametrize("data", ["ring8", "digits"])
+@pytest.mark.parametrize("loss", ARMS)
+def test_every_arm_trains_and_writes_its_run_folder(tmp_path: Path, loss: str, data: str) -> None:
+    proc = run_cli([f"loss={loss}", f"data={data}", "logger=csv", *FAST], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "run"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "completed"
+    assert summary["g_steps"] == 3 and summary["choices"]["loss"] == loss and summary["choices"]["data"] == data
+    assert f"loss={loss}" in summary["overrides"] and summary["seed"] == 0
+    assert set(summary["final"]) >= {"loss/d", "loss/g", "D(x)", "D(G(z))", "grad_norm/d", "grad_norm/g"}
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    assert (run / "samples" / "step_0000003.png").is_file()
+    header = (run / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"loss/d", "loss/g", "step/g", "step/d"} <= set(header)
+    assert (
+        "minibatch_discrimination" in (run / "config.yaml").read_text() if loss == "minibatch_discrimination" else True
+    )
+
+
+def test_default_logger_writes_offline_wandb_files(tmp_path: Path) -> None:
+    proc = run_cli(["data=ring8", *FAST], tmp_path, env={"WANDB_MODE": ""})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    runs = list((tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1 and runs[0].stat().st_size > 0
+    assert summary["wandb_id"] in runs[0].name
+    assert proc.stderr.count("W&B: no credentials") == 1  # said once, with the sync hint
+    assert "wandb sync" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ("d_steps=0", "d_steps must be a positive integer"),
+        ("model.optim_d.lr=-0.1", "model.optim_d.lr must be > 0"),
+        ("max_steps=-5", "max_steps must be a positive integer"),
+        ("resume=/nonexistent/run", "resume: no checkpoint at"),
+    ],
+)
+def test_bad_values_exit_nonzero_with_one_line(tmp_path: Path, override: str, needle: str) -> None:
+    proc = run_cli(["data=ring8", "logger=csv", override], tmp_path)
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith("error: ") and needle in lines[-1]
+    assert "Traceback" not in proc.stderr
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "failed"
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [("loss=bogus", "Could not find 'loss/bogus'"), ("d_stepz=3", "Key 'd_stepz' is not in struct")],
+)
+def test_unknown_options_and_keys_fail_at_compose_time(tmp_path: Path, override: str, needle: str) -> None:
+    proc = run_cli([override], tmp_path)
+    assert proc.returncode != 0
+    assert needle in proc.stderr
+    assert not (tmp_path / "run" / "summary.json").exists()  # nothing ran
+
+
+def test_missing_cifar_without_network_is_one_clear_line(tmp_path: Path) -> None:
+    proc = run_cli(["data=cifar10", f"data.root={tmp_path / 'nodata'}", "data.download=false", "logger=csv"], tmp_path)
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: CIFAR-10") and "cifar-10-python.tar.gz" in last
+    assert "Traceback" not in proc.stderr

@@ -1,0 +1,134 @@
+"""The alternating schedule: exactly k D updates per G update, fresh real batches, each update touching only its
+own player, and a resumed run that continues exactly where it stopped."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+
+from conftest import compose_cfg
+from ganlab.pipeline import build, train
+
+TINY = [
+    "data=ring8",
+    "logger=csv",
+    "model.generator.width=16",
+    "model.discriminator.width=16",
+    "batch_size=8",
+    "log_every=1",
+    "sample_every=1000",
+    "ckpt_every=1000",
+]
+
+
+def _trainer(max_g_steps: int, d_steps: int, callbacks: list) -> pl.Trainer:
+    return pl.Trainer(
+        max_steps=max_g_steps * (d_steps + 1),
+        logger=False,
+        callbacks=callbacks,
+        accelerator="cpu",
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+    )
+
+
+class Spy(pl.Callback):
+    """Records every optimizer step, and whether it changed G's and D's parameters."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, bool, bool]] = []
+
+    def on_train_start(self, trainer: pl.Trainer, module) -> None:
+        opt_g, opt_d = trainer.optimizers
+        snap: dict[str, list[torch.Tensor]] = {}
+
+        def pre(name):
+            def hook(opt, args, kwargs):
+                snap["G"] = [p.detach().clone() for p in module.G.parameters()]
+                snap["D"] = [p.detach().clone() for p in module.D.parameters()]
+
+            return hook
+
+        def post(name):
+            def hook(opt, args, kwargs):
+                g_same = all(torch.equal(a, b) for a, b in zip(snap["G"], module.G.parameters()))
+                d_same = all(torch.equal(a, b) for a, b in zip(snap["D"], module.D.parameters()))
+                self.events.append((name, g_same, d_same))
+
+            return hook
+
+        for name, opt in (("G", opt_g), ("D", opt_d)):
+            opt.register_step_pre_hook(pre(name))
+            opt.register_step_post_hook(post(name))
+
+
+@pytest.mark.parametrize("loss", ["non_saturating", "feature_matching"])
+def test_exactly_k_d_updates_per_g_update_each_on_a_fresh_batch(loss: str) -> None:
+    cfg = compose_cfg([*TINY, "d_steps=3", "max_steps=5", f"loss={loss}"])
+    module = build(cfg)
+    seen: list[torch.Tensor] = []
+    real_batch = module.real_batch
+
+    def recording(idx: torch.Tensor) -> torch.Tensor:
+        seen.append(idx.clone())
+        return real_batch(idx)
+
+    module.real_batch = recording
+    spy = Spy()
+    trainer = _trainer(5, 3, [spy])
+    trainer.fit(module)
+
+    players = [e[0] for e in spy.events]
+    assert players == ["D", "D", "D", "G"] * 5
+    assert module.g_step == 5 and module.d_step == 15 and trainer.global_step == 20
+    for name, g_same, d_same in spy.events:
+        if name == "D":
+            assert g_same and not d_same  # a D update leaves G bit-identical
+        else:
+            assert d_same and not g_same  # and vice versa
+    # feature matching also draws one real batch per G step for its statistics
+    per_step = 4 if loss == "feature_matching" else 3
+    assert len(seen) == 5 * per_step
+    distinct = {tuple(s.tolist()) for s in seen}
+    assert len(distinct) == len(seen)  # every real batch is a fresh draw
+
+
+def test_resumed_run_continues_exactly_where_it_stopped(tmp_path: Path) -> None:
+    common = [*TINY, "d_steps=2", "ckpt_every=4", "seed=3"]
+    full = train(compose_cfg([*common, "max_steps=8"]), tmp_path / "full")
+    train(compose_cfg([*common, "max_steps=4"]), tmp_path / "first")
+    resumed = train(compose_cfg([*common, "max_steps=8", f"resume={tmp_path / 'first'}"]), tmp_path / "second")
+    assert resumed["g_steps"] == 8 and resumed["global_step"] == 8 * 3
+    assert resumed["resumed_from"].endswith("first/checkpoints/last.ckpt")
+    a = torch.load(tmp_path / "full" / "checkpoints" / "last.ckpt", weights_only=False)
+    b = torch.load(tmp_path / "second" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for key in a["state_dict"]:
+        assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
+    for sa, sb in zip(a["optimizer_states"], b["optimizer_states"]):
+        for pa, pb in zip(sa["state"].values(), sb["state"].values()):
+            assert torch.equal(pa["exp_avg"], pb["exp_avg"])
+    assert full["final"] == resumed["final"]
+    # the CSV of the resumed run starts after the checkpoint
+    rows = (tmp_path / "second" / "metrics.csv").read_text().splitlines()
+    assert rows[1].split(",")[-1] != "1"
+
+
+def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path: Path) -> None:
+    with pytest.raises(FloatingPointError):
+        # lr so large the weights overflow; the run must stop before saving them
+        train(
+            compose_cfg([*TINY, "max_steps=50", "ckpt_every=1", "model.optim_d.lr=1e30", "model.optim_g.lr=1e30"]),
+            tmp_path / "bad",
+        )
+    summary = json.loads((tmp_path / "bad" / "summary.json").read_text())
+    assert summary["status"] == "failed" and "non-finite" in summary["error"]
+    ckpt = tmp_path / "bad" / "checkpoints" / "last.ckpt"
+    if ckpt.exists():
+        state = torch.load(ckpt, weights_only=False)["state_dict"]
+        assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
