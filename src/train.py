@@ -25,6 +25,8 @@ def main(cfg: DictConfig) -> float | None:
         "overrides": list(hc.overrides.task),
         "choices": {k: v for k, v in hc.runtime.choices.items() if not k.startswith("hydra")},
         "job_num": hc.job.num if hc.mode == RunMode.MULTIRUN else None,
+        # runs of one sweep share a W&B group: the sweep folder's path below outputs/
+        "sweep": hc.sweep.dir if hc.mode == RunMode.MULTIRUN else None,
     }
     try:
         summary = train(cfg, Path(hc.runtime.output_dir), identity=identity)

@@ -95,7 +95,8 @@ def build(cfg: DictConfig) -> GANModule:
     objective = instantiate(cfg.loss)
     # tricks with a _target_ are hook objects; the others are settings read by the network builders
     tricks: list[Trick] = [instantiate(t) for t in cfg.tricks.values() if t is not None and "_target_" in t]
-    return GANModule(
+    return instantiate(
+        cfg.task,
         generator,
         discriminator,
         objective,
@@ -108,6 +109,7 @@ def build(cfg: DictConfig) -> GANModule:
         seed=cfg.seed,
         log_every=cfg.log_every,
         tricks=tricks,
+        _recursive_=False,
     )
 
 

@@ -62,11 +62,16 @@ def make_loggers(cfg: Any, run_dir: Path, run_config: dict, *, wandb_id: str | N
     mode = resolve_wandb_mode(str(wb.mode), run_dir)
     if mode == "disabled":
         return loggers
+    identity = run_config.get("identity", {})
+    choices = identity.get("choices", {})
+    # the arm, data set and seed as tags, so a dashboard groups a sweep by arm with one click
+    auto_tags = [f"{k}:{choices[k]}" for k in ("loss", "data", "model", "task") if k in choices]
+    auto_tags.append(f"seed:{run_config.get('seed')}")
     kwargs = dict(
         project=wb.project,
         entity=wb.entity,
-        group=wb.group,
-        tags=list(wb.tags),
+        group=wb.group or identity.get("sweep"),
+        tags=[*auto_tags, *wb.tags],
         name=wb.name,
         save_dir=str(run_dir),
         config=run_config,
