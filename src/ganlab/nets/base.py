@@ -1,5 +1,6 @@
 """What every discriminator shares: hidden blocks whose outputs are exposed as features, optional
-minibatch-discrimination layers after any of them, and a head that gives one logit per example."""
+minibatch-discrimination layers after any of them, and a head that gives one logit per example (or ``n_outputs``
+logits: the class logits of the semi-supervised discriminator)."""
 
 from __future__ import annotations
 
@@ -25,9 +26,14 @@ def normalise_layers(layers: Sequence[int], n_blocks: int, what: str) -> list[in
 class Discriminator(nn.Module):
     """``forward(x) -> (logits [n], features)`` where ``features[i]`` is the output of hidden block ``i``.
 
+    With ``n_outputs = K > 1`` (set by subclasses, whose head then has K outputs) the logits are ``[n, K]``: the
+    class logits of the semi-supervised GAN (Salimans et al. 2016 §5). The default K = 1 gives ``[n]``.
+
     Subclasses build the blocks through :meth:`_build`, which inserts a minibatch-discrimination layer after the
     blocks named in ``minibatch["layers"]`` and widens the next block's input accordingly.
     """
+
+    n_outputs: int = 1
 
     def _build(
         self,
@@ -68,4 +74,5 @@ class Discriminator(nn.Module):
             key = str(i)
             if key in self.mbd:
                 h = self.mbd[key](h)
-        return self.head(h).squeeze(1), feats
+        out = self.head(h)
+        return (out.squeeze(1) if self.n_outputs == 1 else out), feats

@@ -13,6 +13,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from ganlab.nets.base import Discriminator
+from ganlab.tricks.virtual_batch_norm import ReferencePass, norm_layer
 
 
 def _stages(resolution: int) -> int:
@@ -34,14 +35,22 @@ def dcgan_init(module: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
-class DCGANGenerator(nn.Module):
+class DCGANGenerator(ReferencePass, nn.Module):
     """``z [n, z_dim] -> x [n, c, r, r]`` in [-1, 1].
 
     Shapes for ``r = 32, width = w``: z -> [8w, 4, 4] -> [4w, 8, 8] -> [2w, 16, 16] -> [w, 32, 32] -> [c, 32, 32].
-    Each stage is ConvTranspose(4, stride 2) + BN + ReLU; a 3x3 conv and tanh give the image.
+    Each stage is ConvTranspose(4, stride 2) + BN + ReLU; a 3x3 conv and tanh give the image. With
+    ``virtual_batch_norm`` (the trick's settings) every BN becomes virtual batch norm.
     """
 
-    def __init__(self, out_shape: tuple[int, ...], z_dim: int = 64, width: int = 64, batch_norm: bool = True) -> None:
+    def __init__(
+        self,
+        out_shape: tuple[int, ...],
+        z_dim: int = 64,
+        width: int = 64,
+        batch_norm: bool = True,
+        virtual_batch_norm: Mapping[str, Any] | None = None,
+    ) -> None:
         super().__init__()
         c, h, w = out_shape
         if h != w:
@@ -49,7 +58,11 @@ class DCGANGenerator(nn.Module):
         n = _stages(h)
         self.z_dim = z_dim
         ch = [width * 2 ** (n - i) for i in range(n + 1)]  # channels at 4x4, 8x8, ..., r x r
-        norm = nn.BatchNorm2d if batch_norm else (lambda _: nn.Identity())
+        kind = self.init_reference(z_dim, virtual_batch_norm) or ("batch" if batch_norm else "none")
+
+        def norm(c: int) -> nn.Module:
+            return norm_layer(kind, c, dims=2)
+
         self.stem = nn.Sequential(nn.Linear(z_dim, ch[0] * 16), nn.Unflatten(1, (ch[0], 4, 4)), norm(ch[0]), nn.ReLU())
         stages: list[nn.Module] = []
         for i in range(n):
@@ -57,16 +70,22 @@ class DCGANGenerator(nn.Module):
         self.stages = nn.Sequential(*stages)
         self.to_image = nn.Sequential(nn.Conv2d(ch[-1], c, 3, 1, 1), nn.Tanh())
         dcgan_init(self)
+        self.collect_vbn()
+
+    def _body(self, z: Tensor) -> Tensor:
+        return self.to_image(self.stages(self.stem(z)))
 
     def forward(self, z: Tensor) -> Tensor:
-        return self.to_image(self.stages(self.stem(z)))
+        self.reference_pass(self._body)
+        return self._body(z)
 
 
 class DCGANDiscriminator(Discriminator):
     """``x [n, c, r, r] -> logit``; hidden blocks (each exposed as a feature):
 
     block 0: 3x3 conv c -> w at r x r; blocks 1..n: Conv(4, stride 2) doubling channels down to 4x4;
-    head: flatten + linear. BN (``batch_norm``) on every block but the first, as in DCGAN.
+    head: flatten + linear. BN (``batch_norm``) on every block but the first, as in DCGAN. ``n_outputs = K > 1``
+    gives K class logits ``[n, K]`` (the semi-supervised GAN's D).
     """
 
     def __init__(
@@ -75,8 +94,12 @@ class DCGANDiscriminator(Discriminator):
         width: int = 64,
         batch_norm: bool = True,
         minibatch: Mapping[str, Any] | None = None,
+        n_outputs: int = 1,
     ) -> None:
         super().__init__()
+        if n_outputs < 1:
+            raise ValueError(f"model.discriminator.n_outputs must be >= 1 (got {n_outputs})")
+        self.n_outputs = int(n_outputs)
         c, h, _ = in_shape
         n = _stages(h)
         sizes = [h // 2**i for i in range(n + 1)]  # spatial size after block i
@@ -92,7 +115,7 @@ class DCGANDiscriminator(Discriminator):
             return nn.Sequential(*layers), c_out
 
         def head(c_last: int) -> nn.Module:
-            return nn.Sequential(nn.Flatten(), nn.Linear(c_last * 16, 1))
+            return nn.Sequential(nn.Flatten(), nn.Linear(c_last * 16, self.n_outputs))
 
         self._build(n + 1, block, head, c, lambda i, ch: ch * sizes[i] ** 2, minibatch)
         dcgan_init(self)
