@@ -160,3 +160,16 @@ def test_salimans2016_experiment_and_one_override_ablation(tmp_path: Path) -> No
         tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_gauss1d_demo_writes_frames_and_an_animated_gif(tmp_path: Path) -> None:
+    from PIL import Image
+
+    cfg = compose_cfg(["data=gauss1d", "logger=csv", "max_steps=20", "data.frames=5", "log_every=5", "ckpt_every=20"])
+    assert cfg.model.noise == "uniform" and cfg.model.z_dim == 1  # Figure 1: uniform noise, one variable
+    summary = train(cfg, tmp_path / "run")
+    assert summary["status"] == "completed"
+    frames = sorted((tmp_path / "run" / "samples").glob("step_*.png"))
+    assert [f.name for f in frames] == [f"step_{s:07d}.png" for s in (4, 8, 12, 16, 20)]
+    with Image.open(tmp_path / "run" / "samples" / "demo.gif") as gif:
+        assert gif.is_animated and gif.n_frames == 5

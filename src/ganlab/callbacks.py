@@ -21,36 +21,22 @@ def _due(module: GANModule, every: int) -> bool:
 
 
 def save_preview(module: GANModule, samples: torch.Tensor, path: Path) -> None:
-    """Write a sample grid (images) or a scatter plot over the real data (2-D points) to ``path``."""
+    """Write a sample grid (images), a scatter plot over the real data (2-D points) or Goodfellow et al.'s
+    Figure 1 (1-D: p_data, p_g and D(x)) to ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     if module.data.kind == "image":
-        import torchvision
-
-        img = module.data.to_uint8(samples).float() / 255.0
-        # small images (8x8 digits) are upscaled with nearest neighbours so a grid is readable
-        scale = max(1, 64 // img.shape[-1])
-        if scale > 1:
-            img = torch.nn.functional.interpolate(img, scale_factor=scale, mode="nearest")
-        nrow = int(len(img) ** 0.5)
-        torchvision.utils.save_image(img, path, nrow=nrow, padding=2, pad_value=1.0)
+        _save_image_grid(module, samples, path)
         return
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    real = module.real_pool[: len(samples) * 2].float().cpu()
-    fake = samples.float().cpu()
-    fig, ax = plt.subplots(figsize=(4, 4), dpi=100)
-    if real.shape[1] >= 2:
-        ax.scatter(real[:, 0], real[:, 1], s=2, c="0.7", label="real")
-        ax.scatter(fake[:, 0], fake[:, 1], s=2, c="tab:red", label="G(z)")
-        lim = float(real.abs().max()) * 1.3
-        ax.set_xlim(-lim, lim)
-        ax.set_ylim(-lim, lim)
-        ax.set_aspect("equal")
+    fig, ax = plt.subplots(figsize=(4.5, 4) if samples.shape[1] >= 2 else (6, 3.5), dpi=100)
+    if samples.shape[1] >= 2:
+        _scatter(module, samples, ax)
     else:
-        ax.hist([real[:, 0].numpy(), fake[:, 0].numpy()], bins=60, density=True, label=["real", "G(z)"])
+        _figure1(module, samples, ax)
     ax.set_title(f"generator step {module.g_step}")
     ax.legend(loc="upper right", fontsize=7)
     fig.tight_layout()
@@ -58,20 +44,93 @@ def save_preview(module: GANModule, samples: torch.Tensor, path: Path) -> None:
     plt.close(fig)
 
 
+def _save_image_grid(module: GANModule, samples: torch.Tensor, path: Path) -> None:
+    import torchvision
+
+    img = module.data.to_uint8(samples).float() / 255.0
+    # small images (8x8 digits) are upscaled with nearest neighbours so a grid is readable
+    scale = max(1, 64 // img.shape[-1])
+    if scale > 1:
+        img = torch.nn.functional.interpolate(img, scale_factor=scale, mode="nearest")
+    torchvision.utils.save_image(img, path, nrow=int(len(img) ** 0.5), padding=2, pad_value=1.0)
+
+
+def _scatter(module: GANModule, samples: torch.Tensor, ax: Any) -> None:
+    real = module.real_pool[: len(samples) * 2].float().cpu()
+    fake = samples.float().cpu()
+    ax.scatter(real[:, 0], real[:, 1], s=2, c="0.7", label="real")
+    ax.scatter(fake[:, 0], fake[:, 1], s=2, c="tab:red", label="G(z)")
+    lim = float(real.abs().max()) * 1.3
+    ax.set_xlim(-lim, lim)
+    ax.set_ylim(-lim, lim)
+    ax.set_aspect("equal")
+
+
+@torch.no_grad()
+def _figure1(module: GANModule, samples: torch.Tensor, ax: Any) -> None:
+    """Goodfellow et al. 2014, Figure 1: p_data (black, dotted), p_g (green) and D(x) (blue, dashed)."""
+    data = module.data
+    lo, hi = data.mean - 4 * data.std, data.mean + 4 * data.std
+    fake = samples.float().cpu().squeeze(1)
+    lo, hi = min(lo, float(fake.quantile(0.01))), max(hi, float(fake.quantile(0.99)))
+    grid = torch.linspace(lo, hi, 400)
+    pdf = torch.exp(-0.5 * ((grid - data.mean) / data.std) ** 2) / (data.std * (2 * torch.pi) ** 0.5)
+    was_training = module.D.training
+    module.D.eval()
+    logits, _ = module.D(grid[:, None].to(module.device))
+    module.D.train(was_training)
+    d_of_x = torch.sigmoid(logits).cpu()
+    ax.plot(grid, pdf, "k:", lw=2, label="p_data")
+    ax.hist(fake.numpy(), bins=80, range=(lo, hi), density=True, color="tab:green", alpha=0.5, label="p_g")
+    ax.plot(grid, d_of_x, "b--", lw=2, label="D(x)")
+    ax.axhline(0.5, color="0.6", lw=0.8)
+    ax.set_xlim(lo, hi)
+    ax.set_ylim(0, max(1.05, float(pdf.max()) * 1.1))
+
+
+def save_gif(frames: list[Path], path: Path, ms_per_frame: int = 150) -> None:
+    """Assemble PNG frames into an animated GIF (the last frame held longer)."""
+    from PIL import Image
+
+    images = [Image.open(f).convert("P", palette=Image.Palette.ADAPTIVE) for f in frames]
+    durations = [ms_per_frame] * (len(images) - 1) + [1500]
+    images[0].save(path, save_all=True, append_images=images[1:], duration=durations, loop=0)
+
+
 class SampleGrid(pl.Callback):
     """Every ``every`` generator steps: samples from the fixed noise, saved as ``samples/step_XXXXXXX.png`` and
-    logged to W&B as ``samples``."""
+    logged to W&B as ``samples``.
+
+    Data sets with a ``frames`` attribute (the 1-D demo) get at least that many frames per run and, at the end,
+    ``samples/demo.gif``, also logged to W&B.
+    """
 
     def __init__(self, run_dir: Path, every: int) -> None:
         self.dir, self.every = Path(run_dir) / "samples", every
 
+    def on_train_start(self, trainer: pl.Trainer, module: GANModule) -> None:
+        frames = getattr(module.data, "frames", None)
+        if frames:
+            self.every = max(1, min(self.every, module.max_steps // frames))
+
+    def _log(self, trainer: pl.Trainer, key: str, path: Path, step: int) -> None:
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_image(key, [str(path)], step=step)
+
     def on_train_batch_end(self, trainer: pl.Trainer, module: GANModule, *args: Any) -> None:
-        if _due(module, self.every):
+        if _due(module, self.every) and trainer.is_global_zero:
             path = self.dir / f"step_{module.g_step:07d}.png"
             save_preview(module, module.sample(z=module.fixed_z), path)
-            for logger in trainer.loggers:
-                if isinstance(logger, WandbLogger):
-                    logger.log_image("samples", [str(path)], step=module.g_step)
+            self._log(trainer, "samples", path, module.g_step)
+
+    def on_train_end(self, trainer: pl.Trainer, module: GANModule) -> None:
+        if getattr(module.data, "frames", None) and trainer.is_global_zero:
+            frames = sorted(self.dir.glob("step_*.png"))
+            if frames:
+                gif = self.dir / "demo.gif"
+                save_gif(frames, gif)
+                self._log(trainer, "demo", gif, module.g_step)
 
 
 class PeriodicCheckpoint(pl.Callback):

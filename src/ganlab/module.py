@@ -81,6 +81,7 @@ class GANModule(pl.LightningModule):
             small model's step).
         n_fixed: number of fixed-noise samples for the sample grid (default: the data set's ``n_preview``).
         tricks: pluggable :class:`Trick` objects.
+        noise: the prior of z, ``normal`` or ``uniform`` (on [-1, 1]).
     """
 
     def __init__(
@@ -99,6 +100,7 @@ class GANModule(pl.LightningModule):
         log_every: int = 50,
         n_fixed: int | None = None,
         tricks: Sequence[Trick] = (),
+        noise: str = "normal",
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -112,7 +114,10 @@ class GANModule(pl.LightningModule):
         data.setup()
         # The training set moves with the module (to the GPU when there is one); not saved in checkpoints.
         self.register_buffer("real_pool", data.train_x, persistent=False)
-        fixed = torch.randn(n_fixed or data.n_preview, self.z_dim, generator=torch.Generator().manual_seed(self.seed))
+        if noise not in ("normal", "uniform"):
+            raise ValueError(f"model.noise must be normal or uniform (got {noise!r})")
+        self.noise = noise
+        fixed = self.draw_noise((n_fixed or data.n_preview, self.z_dim), torch.Generator().manual_seed(self.seed))
         self.register_buffer("fixed_z", fixed)
         self.real_target = 1.0
         for trick in self.tricks:
@@ -125,6 +130,12 @@ class GANModule(pl.LightningModule):
         self._nonfinite: Tensor | None = None  # device flag, checked at log/checkpoint boundaries only
 
     # -- helpers ----------------------------------------------------------------------------------------------
+    def draw_noise(self, shape: tuple[int, ...], gen: torch.Generator) -> Tensor:
+        """The prior p_z: standard normal, or uniform on [-1, 1] (Goodfellow et al.'s Figure 1)."""
+        if self.noise == "uniform":
+            return torch.rand(shape, generator=gen, device=gen.device).mul_(2).sub_(1)
+        return torch.randn(shape, generator=gen, device=gen.device)
+
     def step_generator(self, step: int) -> torch.Generator:
         """The random stream of generator step ``step`` on this module's device."""
         return torch.Generator(device=self.device).manual_seed(_rng_seed(self.seed, step))
@@ -140,7 +151,7 @@ class GANModule(pl.LightningModule):
         """Generate ``n`` samples (model space) from seeded noise, or from ``z``; G in eval mode."""
         if z is None:
             g = torch.Generator(device=self.device).manual_seed(self.seed if seed is None else seed)
-            z = torch.randn(n, self.z_dim, generator=g, device=self.device)
+            z = self.draw_noise((n, self.z_dim), g)
         was_training = self.G.training
         self.G.eval()
         try:
@@ -186,7 +197,7 @@ class GANModule(pl.LightningModule):
         gen = self.step_generator(self.g_step)
         # k fresh real batches for D, one more for G's feature statistics; noise for k D steps and 1 G step
         idx = torch.randint(len(self.real_pool), (k + 1, m), generator=gen, device=self.device)
-        z = torch.randn(k + 1, m, self.z_dim, generator=gen, device=self.device)
+        z = self.draw_noise((k + 1, m, self.z_dim), gen)
         logs: dict[str, Tensor] = {}
         d_i = 0
         for phase in self.schedule:

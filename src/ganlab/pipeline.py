@@ -109,6 +109,7 @@ def build(cfg: DictConfig) -> GANModule:
         seed=cfg.seed,
         log_every=cfg.log_every,
         tricks=tricks,
+        noise=cfg.model.noise,
         _recursive_=False,
     )
 

@@ -5,12 +5,13 @@ from ganlab.data.digits import Digits, load_digits_uint8
 from ganlab.data.folder import ImageFolder
 from ganlab.data.stacked import StackedDigits
 from ganlab.data.torchvision_sets import CIFAR10, MNIST, StackedMNIST
-from ganlab.data.toy import GaussianMixture2D, Grid25, Ring8
+from ganlab.data.toy import Gauss1D, GaussianMixture2D, Grid25, Ring8
 
 __all__ = [
     "CIFAR10",
     "MNIST",
     "Digits",
+    "Gauss1D",
     "GaussianMixture2D",
     "Grid25",
     "ImageFolder",

@@ -59,3 +59,36 @@ class Grid25(GaussianMixture2D):
     name = "grid25"
     centers = torch.tensor([[-4.0 + 2 * i, -4.0 + 2 * j] for i in range(5) for j in range(5)], dtype=torch.float32)
     std = 0.05
+
+
+class Gauss1D(InMemoryData):
+    """A 1-D Gaussian N(mean, std^2): the setting of Goodfellow et al. 2014, Figure 1.
+
+    ``frames`` asks the sample-grid callback for that many frames of the D(x)-over-p_data-and-p_g plot per run
+    (assembled into ``samples/demo.gif``).
+    """
+
+    name = "gauss1d"
+    kind = "points"
+    n_preview = 5000  # fixed-noise samples in each frame's histogram of p_g
+
+    def __init__(
+        self,
+        mean: float = 2.0,
+        std: float = 0.5,
+        n_train: int = 100_000,
+        n_test: int = 2_500,
+        data_seed: int = 1234,
+        frames: int = 40,
+    ) -> None:
+        super().__init__()
+        if std <= 0:
+            raise ValueError(f"data.std must be > 0 (got {std})")
+        self.mean, self.std, self.n_train, self.n_test, self.data_seed = mean, std, n_train, n_test, data_seed
+        self.frames = frames
+
+    def load(self) -> tuple[Tensor, None, Tensor, None]:
+        g = torch.Generator().manual_seed(self.data_seed)
+        train = self.mean + self.std * torch.randn(self.n_train, 1, generator=g)
+        test = self.mean + self.std * torch.randn(self.n_test, 1, generator=g)
+        return train, None, test, None
