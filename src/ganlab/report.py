@@ -1,0 +1,586 @@
+"""Compare the arms of a sweep from its run folders alone: ``python src/report.py outputs/multirun/<date>/<time>``.
+
+Every folder below the given one that holds a ``summary.json`` (or a Hydra job folder that never got that far) is
+one run. Runs are grouped by data set (one table each) and by arm: the G objective (``choices.loss``) plus any
+other override that differs between the runs of that data set (``tricks=[...]``, ``d_steps=5``, ...), so runs
+that are not comparable never share a row; the seed is what varies within a row. Each final metric is reported as
+mean ± the half-width of a 95 % Student-t confidence interval over seeds.
+
+Written into the given folder: ``report.md`` (tables, failed runs, plots), ``report.json`` (the same numbers),
+``plots/<data>/<metric>.png`` (each metric against the generator step, mean line and min–max band over seeds),
+``plots/<data>/curves.png`` (all metrics at a glance) and ``plots/<data>/samples.png`` (the final samples of each
+arm and seed). W&B is not needed: only the run folders are read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import re
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# data sets whose sample previews are scatter plots / density figures rather than image grids
+POINT_DATA = frozenset({"ring8", "grid25", "gauss1d"})
+# the order of the comparison in the design; any other arm follows alphabetically
+ARM_ORDER = ("minimax", "non_saturating", "ns_then_minimax", "feature_matching", "minibatch_discrimination")
+# override keys that never distinguish arms: the seed is what a row averages over, data makes the table, loss is
+# the arm itself, resume and the sweep recipe only say how the run was launched
+_NOT_AN_ARM = re.compile(r"^(seed|data|loss|resume|sweep|hydra\b.*)$")
+# training scalars (logged every log_every steps); anything else in ``final`` is an evaluation metric
+_TRAINING_SCALAR = re.compile(r"^(loss/|grad_norm/|D\(|lr/)")
+# metrics.csv columns that are counters, not metrics
+_CSV_COUNTERS = frozenset({"step", "step/g", "step/d", "epoch"})
+# job folders of the submitit launcher and W&B files hold no runs
+_SKIP_DIRS = frozenset({".submitit", "wandb", "checkpoints", "samples", "plots"})
+
+
+class ReportError(Exception):
+    """Bad input (missing folder, no runs): reported as one line, exit code 2."""
+
+
+@dataclass
+class Run:
+    """One run folder as the report sees it."""
+
+    path: Path
+    data: str
+    loss: str
+    seed: Any
+    overrides: dict[str, str]
+    status: str
+    error: str | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    variant: tuple[str, ...] = ()  # overrides besides loss that set this run's arm apart (filled by group_runs)
+
+    @property
+    def arm(self) -> str:
+        """Row label: the G objective, then the overrides that distinguish this arm."""
+        return " ".join([self.loss, *self.variant])
+
+    @property
+    def problem(self) -> str | None:
+        """Why this run is left out of the means (None: it counts)."""
+        if self.status != "completed":
+            how = "still running, or killed" if self.status == "running" else self.status
+            return f"{how}: {self.error}" if self.error else how
+        bad = {k: v for k, v in self.metrics.items() if not math.isfinite(v)}
+        if bad:
+            return "diverged: non-finite final " + ", ".join(f"{k}={v}" for k, v in sorted(bad.items()))
+        return None
+
+
+# ----------------------------------------------------------------------------------------------- reading runs
+
+
+def _split_override(text: str) -> tuple[str, str]:
+    key, _, value = text.partition("=")
+    return key.lstrip("+~"), value
+
+
+def _final_metrics(summary: Mapping[str, Any]) -> dict[str, float]:
+    """``final`` merged with the ``eval`` and ``metrics`` dicts older or newer summaries may carry."""
+    merged: dict[str, float] = {}
+    for key in ("metrics", "eval", "final"):  # later wins: ``final`` is the contract
+        block = summary.get(key)
+        if not isinstance(block, Mapping):
+            continue
+        for name, value in block.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue  # a string or nested dict is not a number to average
+            merged[str(name)] = float(value)
+    return merged
+
+
+def load_run(summary_path: Path) -> Run:
+    """Read one ``summary.json`` (an unreadable one becomes a failed run, never an exception)."""
+    folder = summary_path.parent
+    try:
+        summary = json.loads(summary_path.read_text())
+    except (OSError, ValueError) as exc:
+        run = _run_without_summary(folder)
+        run.status, run.error = "failed", f"unreadable summary.json ({exc.__class__.__name__}: {exc})"
+        return run
+    choices = summary.get("choices") or {}
+    overrides = dict(_split_override(o) for o in summary.get("overrides") or [])
+    return Run(
+        path=folder,
+        data=str(choices.get("data") or overrides.get("data") or "?"),
+        loss=str(choices.get("loss") or overrides.get("loss") or "?"),
+        seed=summary.get("seed", overrides.get("seed")),
+        overrides=overrides,
+        status=str(summary.get("status", "unknown")),
+        error=summary.get("error"),
+        metrics=_final_metrics(summary),
+    )
+
+
+def _run_without_summary(folder: Path) -> Run:
+    """A Hydra job folder with no (readable) summary.json: identity from Hydra's own records."""
+    import yaml
+
+    overrides: dict[str, str] = {}
+    choices: dict[str, Any] = {}
+    try:
+        overrides = dict(_split_override(o) for o in yaml.safe_load((folder / ".hydra" / "overrides.yaml").read_text()))
+        hydra_cfg = yaml.safe_load((folder / ".hydra" / "hydra.yaml").read_text())
+        choices = hydra_cfg["hydra"]["runtime"]["choices"]
+    except (OSError, KeyError, TypeError, yaml.YAMLError):
+        pass
+    seed = overrides.get("seed")
+    return Run(
+        path=folder,
+        data=str(choices.get("data") or overrides.get("data") or "?"),
+        loss=str(choices.get("loss") or overrides.get("loss") or "?"),
+        seed=int(seed) if seed is not None and seed.lstrip("-").isdigit() else seed,
+        overrides=overrides,
+        status="failed",
+        error="no summary.json: the job stopped before training started (see its log in the folder or .submitit/)",
+    )
+
+
+def _walk(root: Path) -> Iterable[Path]:
+    """Run folders below ``root``: those with a summary.json or a Hydra ``.hydra/`` record."""
+    stack = [root]
+    while stack:
+        folder = stack.pop()
+        if (folder / "summary.json").is_file() or (folder / ".hydra" / "overrides.yaml").is_file():
+            yield folder
+            continue  # a run folder holds no further runs
+        try:
+            children = sorted(p for p in folder.iterdir() if p.is_dir() and p.name not in _SKIP_DIRS)
+        except OSError:
+            continue
+        stack.extend(reversed(children))
+
+
+def find_runs(root: Path) -> list[Run]:
+    """Every run below ``root`` (recursively), in folder order."""
+    runs = []
+    for folder in _walk(root):
+        summary = folder / "summary.json"
+        runs.append(load_run(summary) if summary.is_file() else _run_without_summary(folder))
+    return runs
+
+
+def group_runs(runs: Sequence[Run]) -> dict[str, dict[str, list[Run]]]:
+    """``{data: {arm: [runs]}}``; sets each run's ``variant`` to the overrides that differ within its data set."""
+    by_data: dict[str, list[Run]] = {}
+    for run in runs:
+        by_data.setdefault(run.data, []).append(run)
+    grouped: dict[str, dict[str, list[Run]]] = {}
+    for data, members in sorted(by_data.items()):
+        keys = {k for r in members for k in r.overrides if not _NOT_AN_ARM.match(k)}
+        # an override is part of the arm only if it takes more than one value (or is missing somewhere) here
+        varying = sorted(k for k in keys if len({r.overrides.get(k) for r in members}) > 1)
+        for run in members:
+            run.variant = tuple(f"{k}={run.overrides[k]}" for k in varying if k in run.overrides)
+        arms: dict[str, list[Run]] = {}
+        for run in sorted(members, key=_arm_sort_key):
+            arms.setdefault(run.arm, []).append(run)
+        grouped[data] = arms
+    return grouped
+
+
+def _arm_sort_key(run: Run) -> tuple:
+    rank = ARM_ORDER.index(run.loss) if run.loss in ARM_ORDER else len(ARM_ORDER)
+    seed = run.seed if isinstance(run.seed, int) else 10**9
+    return (rank, run.loss, run.variant, seed, str(run.path))
+
+
+# ----------------------------------------------------------------------------------------------- statistics
+
+
+def mean_ci(values: Sequence[float]) -> dict[str, Any]:
+    """Mean, sample standard deviation and the 95 % Student-t half-width ``t(0.975, n-1) * s / sqrt(n)``.
+
+    With one value there is no spread to estimate: ``std`` and ``ci95`` are None.
+    """
+    n = len(values)
+    if n == 0:
+        return {"n": 0, "mean": None, "std": None, "ci95": None, "values": []}
+    mean = math.fsum(values) / n
+    if n == 1:
+        return {"n": 1, "mean": mean, "std": None, "ci95": None, "values": list(values)}
+    from scipy.stats import t
+
+    std = math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (n - 1))
+    return {
+        "n": n,
+        "mean": mean,
+        "std": std,
+        "ci95": float(t.ppf(0.975, n - 1)) * std / math.sqrt(n),
+        "values": list(values),
+    }
+
+
+def _metric_order(names: Iterable[str]) -> list[str]:
+    """Headline evaluation metrics (``fid2k``, ``modes``, ...) first, then namespaced diagnostics
+    (``eval/...``), then the training scalars; alphabetically within each."""
+    return sorted(set(names), key=lambda m: (2 if _TRAINING_SCALAR.match(m) else int("/" in m), m.lower()))
+
+
+def _fmt(stat: Mapping[str, Any]) -> str:
+    if stat["mean"] is None:
+        return "—"
+    if stat["ci95"] is None:
+        return f"{stat['mean']:.4g}"
+    return f"{stat['mean']:.4g} ± {stat['ci95']:.2g}"
+
+
+def _seed_list(runs: Sequence[Run]) -> list[Any]:
+    """The distinct seeds of ``runs``: integers in order, anything else after them."""
+    return sorted({r.seed for r in runs}, key=lambda s: (0, s, "") if isinstance(s, int) else (1, 0, str(s)))
+
+
+def aggregate(root: Path, runs: Sequence[Run]) -> dict[str, Any]:
+    """The numbers of the report (what ``report.json`` holds)."""
+    grouped = group_runs(runs)
+    datasets: dict[str, Any] = {}
+    for data, arms in grouped.items():
+        ok_metrics = [m for rs in arms.values() for r in rs if r.problem is None for m in r.metrics]
+        metrics = _metric_order(ok_metrics)
+        rows = []
+        for arm, members in arms.items():
+            ok = [r for r in members if r.problem is None]
+            rows.append(
+                {
+                    "arm": arm,
+                    "loss": members[0].loss,
+                    "variant": list(members[0].variant),
+                    "n": len(ok),
+                    "seeds": _seed_list(ok),
+                    "failed": len(members) - len(ok),
+                    "runs": [_rel(r.path, root) for r in ok],
+                    "metrics": {m: mean_ci([r.metrics[m] for r in ok if m in r.metrics]) for m in metrics},
+                }
+            )
+        datasets[data] = {"kind": "points" if data in POINT_DATA else "images", "metrics": metrics, "arms": rows}
+    failed = [
+        {
+            "run": _rel(r.path, root),
+            "data": r.data,
+            "arm": r.arm,
+            "seed": r.seed,
+            "status": r.status,
+            "problem": r.problem,
+            "error": r.error,
+        }
+        for r in runs
+        if r.problem is not None
+    ]
+    return {
+        "folder": str(root),
+        "n_runs": len(runs),
+        "n_counted": len(runs) - len(failed),
+        "datasets": datasets,
+        "failed": failed,
+    }
+
+
+def _rel(path: Path, root: Path) -> str:
+    try:
+        return str(path.relative_to(root)) or "."
+    except ValueError:
+        return str(path)
+
+
+# ----------------------------------------------------------------------------------------------- tables
+
+
+def markdown_table(dataset: Mapping[str, Any]) -> str:
+    """One Markdown table: a row per arm, ``n``, the seeds, then every final metric as mean ± 95 % CI."""
+    show_failed = any(row["failed"] for row in dataset["arms"])
+    header = ["arm", "n", "seeds", *(["failed"] if show_failed else []), *dataset["metrics"]]
+    lines = ["| " + " | ".join(_cell(h) for h in header) + " |", "|" + "---|" * len(header)]
+    for row in dataset["arms"]:
+        cells = [f"`{row['arm']}`", str(row["n"]), ",".join(str(s) for s in row["seeds"]) or "—"]
+        if show_failed:
+            cells.append(str(row["failed"]))
+        cells += [_fmt(row["metrics"][m]) for m in dataset["metrics"]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+# ----------------------------------------------------------------------------------------------- plots
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_") or "metric"
+
+
+def read_curves(run_dir: Path) -> dict[str, dict[int, float]]:
+    """``{metric: {generator step: value}}`` from a run's ``metrics.csv`` (rows are sparse: blanks skipped)."""
+    path = run_dir / "metrics.csv"
+    curves: dict[str, dict[int, float]] = {}
+    if not path.is_file():
+        return curves
+    with path.open(newline="") as fh:
+        for row in csv.DictReader(fh):
+            # Lightning's CSV ``step`` is the step passed to log_metrics: the generator step in this pipeline
+            step_text = row.get("step") or row.get("step/g")
+            if not step_text:
+                continue
+            step = int(float(step_text))
+            for name, text in row.items():
+                if name in _CSV_COUNTERS or name is None or text in (None, ""):
+                    continue
+                try:
+                    curves.setdefault(name, {})[step] = float(text)
+                except ValueError:
+                    continue
+    return curves
+
+
+def _band(series: Sequence[Mapping[int, float]]) -> tuple[list[int], list[float], list[float], list[float]]:
+    """Mean, min and max over seeds at each step any seed logged (seeds missing a step are left out there)."""
+    steps = sorted({s for one in series for s in one})
+    mean, lo, hi = [], [], []
+    for step in steps:
+        vals = [one[step] for one in series if step in one and math.isfinite(one[step])]
+        if not vals:
+            vals = [math.nan]
+        mean.append(math.fsum(vals) / len(vals))
+        lo.append(min(vals))
+        hi.append(max(vals))
+    return steps, mean, lo, hi
+
+
+def plot_curves(data: str, arms: Mapping[str, Sequence[Run]], out_dir: Path) -> dict[str, str]:
+    """One PNG per metric (mean line, min–max band over seeds, one colour per arm) and an overview grid.
+
+    Returns ``{metric: file}`` plus ``"_overview"``; runs left out of the table are left out here too.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = {arm: [read_curves(r.path) for r in runs if r.problem is None] for arm, runs in arms.items()}
+    metrics = _metric_order({m for per_arm in curves.values() for one in per_arm for m in one})
+    if not metrics:
+        return {}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    colours = plt.get_cmap("tab10")
+    files: dict[str, str] = {}
+
+    def draw(ax: Any, metric: str) -> None:
+        for i, (arm, per_arm) in enumerate(curves.items()):
+            series = [one[metric] for one in per_arm if metric in one]
+            if not series:
+                continue
+            steps, mean, lo, hi = _band(series)
+            colour = colours(i % 10)
+            # sparse series (evaluations every few thousand steps, or a single final one) need visible points
+            marker = "o" if len(steps) <= 30 else None
+            ax.plot(steps, mean, color=colour, lw=1.5, marker=marker, ms=3, label=f"{arm} (n={len(series)})")
+            if len(series) > 1:
+                ax.fill_between(steps, lo, hi, color=colour, alpha=0.2, lw=0)
+                if len(steps) == 1:  # a band one step wide is invisible: show the spread as an error bar
+                    ax.errorbar(steps, mean, yerr=[[mean[0] - lo[0]], [hi[0] - mean[0]]], color=colour, capsize=4)
+        ax.set_xlabel("generator step")
+        ax.set_title(metric, fontsize=9)
+        ax.grid(alpha=0.3)
+
+    for metric in metrics:
+        fig, ax = plt.subplots(figsize=(6, 3.6), dpi=100)
+        draw(ax, metric)
+        ax.set_title(f"{data}: {metric} (mean over seeds, band: min–max)", fontsize=9)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = out_dir / f"{_safe(metric)}.png"
+        fig.savefig(path)
+        plt.close(fig)
+        files[metric] = path.name
+
+    cols = min(4, len(metrics))
+    rows = math.ceil(len(metrics) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.8 * rows + 0.6), dpi=90, squeeze=False)
+    for ax, metric in zip(axes.flat, metrics):
+        draw(ax, metric)
+    for ax in list(axes.flat)[len(metrics) :]:
+        ax.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", ncol=min(len(labels), 3) or 1, fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.6 / (2.8 * rows + 0.6)))
+    path = out_dir / "curves.png"
+    fig.savefig(path)
+    plt.close(fig)
+    files["_overview"] = path.name
+    return files
+
+
+def final_sample(run_dir: Path) -> Path | None:
+    """The run's last sample preview (``samples/step_XXXXXXX.png``, zero-padded so names sort by step)."""
+    frames = sorted((run_dir / "samples").glob("step_*.png"))
+    return frames[-1] if frames else None
+
+
+def _preview_kind(data: str, points: bool) -> str:
+    if data == "gauss1d":
+        return "final p_g against p_data, with D(x)"
+    return "final samples, scattered over the real data" if points else "final sample grids"
+
+
+def sample_sheet(data: str, arms: Mapping[str, Sequence[Run]], path: Path, *, points: bool) -> bool:
+    """A grid of the final sample previews: one row per arm, one column per seed. False if no run has one."""
+    cells = {(arm, r.seed): final_sample(r.path) for arm, runs in arms.items() for r in runs if r.problem is None}
+    if not any(cells.values()):
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.image as mpimg
+    import matplotlib.pyplot as plt
+
+    arm_names = list(arms)
+    seeds = _seed_list([r for runs in arms.values() for r in runs if r.problem is None])
+    size = 2.6 if points else 2.2
+    fig, axes = plt.subplots(
+        len(arm_names), len(seeds), figsize=(size * len(seeds) + 1.2, size * len(arm_names) + 0.5), squeeze=False
+    )
+    for i, arm in enumerate(arm_names):
+        for j, seed in enumerate(seeds):
+            ax = axes[i][j]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            img = cells.get((arm, seed))
+            if img is None:
+                ax.text(0.5, 0.5, "no run", ha="center", va="center", transform=ax.transAxes, color="0.5")
+                for spine in ax.spines.values():
+                    spine.set_visible(False)
+            else:
+                ax.imshow(mpimg.imread(img), interpolation="nearest" if not points else "antialiased")
+            if i == 0:
+                ax.set_title(f"seed {seed}", fontsize=9)
+            if j == 0:
+                ax.set_ylabel(arm, fontsize=8)
+    fig.suptitle(f"{data}: {_preview_kind(data, points)}", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+# ----------------------------------------------------------------------------------------------- the report
+
+
+def render_markdown(report: Mapping[str, Any]) -> str:
+    """``report.md``: how to read it, a table (and plots) per data set, then every run left out and why."""
+    out = [
+        f"# Sweep report: `{report['folder']}`",
+        "",
+        f"{report['n_runs']} runs found, {report['n_counted']} counted in the tables. Each cell is the mean over "
+        "seeds ± the half-width of a 95 % Student-t confidence interval (t(0.975, n−1)·s/√n; no ± when n = 1). "
+        "`n` is the number of completed, finite runs in the row; `failed` (when shown) counts the row's runs listed "
+        "under *Failed or diverged runs* and left out of the means. Metrics are the final values in each run's "
+        "`summary.json`: evaluation metrics first, then the last logged training scalars. Two arms differ "
+        "credibly when their intervals do not overlap; with 3–5 seeds the intervals are wide, so read overlapping "
+        "ones as *not resolved*, not as *equal*.",
+        "",
+    ]
+    for data, ds in report["datasets"].items():
+        out += [f"## {data}", "", markdown_table(ds), ""]
+        plots = ds.get("plots") or {}
+        if "_overview" in plots:
+            links = " · ".join(f"[{m}]({plots[m]})" for m in ds.get("curve_metrics", []) if m in plots)
+            out += [
+                "Training curves (mean over seeds, band: min–max over seeds):",
+                "",
+                f"![{data} curves]({plots['_overview']})",
+                "",
+                f"One plot per metric: {links}",
+                "",
+            ]
+        if ds.get("samples"):
+            what = _preview_kind(data, ds["kind"] == "points")
+            out += [
+                f"{what[0].upper()}{what[1:]} (rows: arms, columns: seeds):",
+                "",
+                f"![{data} samples]({ds['samples']})",
+                "",
+            ]
+    out += ["## Failed or diverged runs", ""]
+    if not report["failed"]:
+        out += ["None: every run completed with finite final metrics.", ""]
+    else:
+        out += ["These runs are not in the means above (their folders keep the logs and the last good checkpoint).", ""]
+        out += ["| run | data | arm | seed | status | reason |", "|---|---|---|---|---|---|"]
+        for f in report["failed"]:
+            reason = _cell(str(f["problem"]).replace("\n", " "))
+            out.append(f"| `{f['run']}` | {f['data']} | `{f['arm']}` | {f['seed']} | {f['status']} | {reason} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def _jsonable(obj: Any) -> Any:
+    """NaN and infinities become null: strict JSON readers reject them."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, Mapping):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    return obj
+
+
+def write_report(root: Path, *, plots: bool = True) -> dict[str, Any]:
+    """Read the runs below ``root``, write ``report.md``, ``report.json`` and the plots into it; return the report.
+
+    Raises ReportError for a missing folder or one without runs.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise ReportError(f"no such folder: {root}")
+    runs = find_runs(root)
+    if not runs:
+        raise ReportError(
+            f"no run folders (summary.json) under {root}: pass a sweep folder such as outputs/multirun/<date>/<time>"
+        )
+    report = aggregate(root, runs)
+    if plots:
+        grouped = group_runs(runs)
+        for data, ds in report["datasets"].items():
+            folder = root / "plots" / _safe(data)
+            files = plot_curves(data, grouped[data], folder)
+            ds["curve_metrics"] = [m for m in files if m != "_overview"]
+            ds["plots"] = {m: _rel(folder / f, root) for m, f in files.items()}
+            sheet = folder / "samples.png"
+            if sample_sheet(data, grouped[data], sheet, points=ds["kind"] == "points"):
+                ds["samples"] = _rel(sheet, root)
+    (root / "report.md").write_text(render_markdown(report) + "\n")
+    (root / "report.json").write_text(json.dumps(_jsonable(report), indent=2) + "\n")
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The command line: print the tables, write the report files; bad input exits 2 with one line."""
+    parser = argparse.ArgumentParser(
+        prog="report.py", description="Tables (mean ± 95 % CI over seeds) and plots of a sweep's run folders."
+    )
+    parser.add_argument("folder", type=Path, help="a Hydra multirun folder, e.g. outputs/multirun/<date>/<time>")
+    parser.add_argument("--no-plots", action="store_true", help="tables only (no matplotlib figures)")
+    args = parser.parse_args(argv)
+    try:
+        report = write_report(args.folder, plots=not args.no_plots)
+    except ReportError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for data, ds in report["datasets"].items():
+        print(f"\n## {data}\n\n{markdown_table(ds)}")
+    if report["failed"]:
+        print(f"\n{len(report['failed'])} run(s) failed or diverged (not in the means):")
+        for f in report["failed"]:
+            print(f"  {f['run']}: {f['problem']}")
+    print(f"\nwrote {args.folder / 'report.md'} and {args.folder / 'report.json'}")
+    return 0
