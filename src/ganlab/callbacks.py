@@ -195,3 +195,72 @@ class StepProgress(pl.Callback):
     def on_train_end(self, trainer: pl.Trainer, module: GANModule) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+class Evaluation(pl.Callback):
+    """Every ``every`` generator steps and after the last one: ``n_samples`` samples from a fixed seed, the data
+    set's metrics (:func:`ganlab.metrics.build_evaluator`), and D's view of the equilibrium on held-out data.
+
+    Logged to every logger at the generator step and kept in ``module.last_logged`` (so the final values land in
+    ``summary.json``). ``eval/seconds`` (logged) is the cumulative evaluation time; ``summary.json`` keeps it as
+    ``eval_time_s`` so its share of a run stays visible.
+    """
+
+    def __init__(
+        self,
+        every: int,
+        n_samples: int | None,
+        seed: int,
+        kid_subset_size: int,
+        inception_weights: str | None,
+        cache_dir: str | None,
+    ) -> None:
+        self.every, self.n_samples, self.seed = every, n_samples, seed
+        self.kid_subset_size, self.inception_weights, self.cache_dir = kid_subset_size, inception_weights, cache_dir
+        self.evaluator = None
+        self.seconds = 0.0
+
+    def on_fit_start(self, trainer: pl.Trainer, module: GANModule) -> None:
+        from ganlab.metrics import build_evaluator
+
+        self.n = self.n_samples or module.data.eval_samples
+        self.evaluator = build_evaluator(
+            module.data,
+            n_samples=self.n,
+            device=module.device,
+            inception_weights=self.inception_weights,
+            kid_subset_size=self.kid_subset_size,
+            cache_dir=self.cache_dir,
+        )
+
+    def on_train_batch_end(self, trainer: pl.Trainer, module: GANModule, *args: Any) -> None:
+        if _due(module, self.every):
+            self.evaluate(trainer, module)
+
+    @torch.no_grad()
+    def equilibrium(self, module: GANModule, fake: torch.Tensor) -> dict[str, float]:
+        """Mean D(x) on held-out real data, mean D(G(z)), and D's accuracy telling them apart (½ = fooled)."""
+        real = module.data.to_model(module.data.test_x[: len(fake)].to(module.device))
+        fake = fake[: len(real)]
+        was_training = module.D.training
+        module.D.eval()
+        try:
+            p_real = torch.sigmoid(module.D(real)[0].reshape(len(real), -1).logsumexp(1))
+            p_fake = torch.sigmoid(module.D(fake)[0].reshape(len(fake), -1).logsumexp(1))
+        finally:
+            module.D.train(was_training)
+        acc = torch.cat([(p_real > 0.5).float(), (p_fake < 0.5).float()]).mean()
+        values = torch.stack([p_real.mean(), p_fake.mean(), acc]).tolist()
+        return dict(zip(("eval/D(x_test)", "eval/D(G(z))", "eval/d_accuracy"), values, strict=True))
+
+    def evaluate(self, trainer: pl.Trainer, module: GANModule) -> dict[str, float]:
+        t0 = time.perf_counter()
+        fake = module.sample(self.n, seed=self.seed)
+        stored = module.data.to_uint8(fake) if module.data.kind == "image" else fake
+        metrics = self.evaluator(stored)
+        metrics.update(self.equilibrium(module, fake))
+        self.seconds += time.perf_counter() - t0
+        module.last_logged.update(metrics)  # the final values go into summary.json; timing is not a result
+        for logger in trainer.loggers:
+            logger.log_metrics({**metrics, "eval/seconds": self.seconds}, step=module.g_step)
+        return metrics

@@ -82,6 +82,8 @@ class GANModule(pl.LightningModule):
         n_fixed: number of fixed-noise samples for the sample grid (default: the data set's ``n_preview``).
         tricks: pluggable :class:`Trick` objects.
         noise: the prior of z, ``normal`` or ``uniform`` (on [-1, 1]).
+        lr_decay: ``none`` or ``linear``: both learning rates fall linearly to 0 at ``max_steps`` (a function of
+            ``g_step``, so a resumed run continues the same schedule).
     """
 
     def __init__(
@@ -101,6 +103,7 @@ class GANModule(pl.LightningModule):
         n_fixed: int | None = None,
         tricks: Sequence[Trick] = (),
         noise: str = "normal",
+        lr_decay: str = "none",
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -117,6 +120,9 @@ class GANModule(pl.LightningModule):
         if noise not in ("normal", "uniform"):
             raise ValueError(f"model.noise must be normal or uniform (got {noise!r})")
         self.noise = noise
+        if lr_decay not in ("none", "linear"):
+            raise ValueError(f"model.lr_decay must be none or linear (got {lr_decay!r})")
+        self.lr_decay = lr_decay
         fixed = self.draw_noise((n_fixed or data.n_preview, self.z_dim), torch.Generator().manual_seed(self.seed))
         self.register_buffer("fixed_z", fixed)
         self.real_target = 1.0
@@ -209,8 +215,16 @@ class GANModule(pl.LightningModule):
                 else:
                     logs.update(self._g_update(opt_g, idx[k], z[k], log_now))
         self.g_step += 1
+        if self.lr_decay == "linear":
+            self._set_lr(1.0 - self.g_step / self.max_steps)
         if log_now:
+            logs["lr/g"] = torch.tensor(opt_g.param_groups[0]["lr"])
             self._log(logs)
+
+    def _set_lr(self, factor: float) -> None:
+        for opt, cfg in zip(self.optimizers(), (self.optim_g, self.optim_d), strict=True):
+            for group in opt.param_groups:
+                group["lr"] = float(cfg.get("lr", 2e-4)) * factor
 
     def _d_update(self, opt: Any, real: Tensor, z: Tensor, log_now: bool) -> dict[str, Tensor]:
         with torch.no_grad():
@@ -290,6 +304,10 @@ class GANModule(pl.LightningModule):
             "torch_rng": torch.get_rng_state(),
             "tricks": [trick.state_dict() for trick in self.tricks],
         }
+
+    def on_train_start(self) -> None:
+        if self.lr_decay == "linear":  # also after a resume: the optimizer state holds the saved lr anyway
+            self._set_lr(1.0 - self.g_step / self.max_steps)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint["ganlab"]

@@ -14,10 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from ganlab.callbacks import PeriodicCheckpoint, SampleGrid, StepProgress
+from ganlab.callbacks import Evaluation, PeriodicCheckpoint, SampleGrid, StepProgress
 from ganlab.errors import UserError
 from ganlab.module import GANModule, Trick
 from ganlab.tracking import finish_wandb, make_loggers
@@ -34,6 +35,13 @@ def validate(cfg: DictConfig) -> None:
 
     for key in ("d_steps", "max_steps", "batch_size", "log_every", "sample_every", "ckpt_every"):
         positive_int(key, cfg[key])
+    if cfg.metrics.enabled:
+        positive_int("metrics.eval_every", cfg.metrics.eval_every)
+        if cfg.metrics.n_samples is not None:
+            positive_int("metrics.n_samples", cfg.metrics.n_samples)
+        weights = cfg.metrics.inception_weights
+        if weights is not None and not Path(str(weights)).expanduser().is_file():
+            raise UserError(f"metrics.inception_weights: no file at {weights}")
     for player in ("optim_g", "optim_d"):
         opt = cfg.model[player]
         if not float(opt.lr) > 0:
@@ -110,8 +118,19 @@ def build(cfg: DictConfig) -> GANModule:
         log_every=cfg.log_every,
         tricks=tricks,
         noise=cfg.model.noise,
+        lr_decay=cfg.model.lr_decay,
         _recursive_=False,
     )
+
+
+def callbacks(cfg: DictConfig, run_dir: Path) -> list[pl.Callback]:
+    """Sample grids, evaluation (before the checkpoint, so a checkpoint follows its evaluation), checkpoints,
+    progress."""
+    out: list[pl.Callback] = [SampleGrid(run_dir, cfg.sample_every)]
+    m = cfg.metrics
+    if m.enabled:
+        out.append(Evaluation(m.eval_every, m.n_samples, m.seed, m.kid_subset_size, m.inception_weights, m.cache_dir))
+    return [*out, PeriodicCheckpoint(run_dir, cfg.ckpt_every), StepProgress()]
 
 
 def train(cfg: DictConfig, run_dir: Path, *, identity: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -143,6 +162,8 @@ def train(cfg: DictConfig, run_dir: Path, *, identity: Mapping[str, Any] | None 
                 previous = json.loads(src_summary.read_text())
         _write_json(summary_path, summary)
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+        if cfg.model.get("threads"):
+            torch.set_num_threads(int(cfg.model.threads))
         pl.seed_everything(cfg.seed, workers=False, verbose=False)
         module = build(cfg)
         run_config = OmegaConf.to_container(cfg, resolve=True)
@@ -153,16 +174,13 @@ def train(cfg: DictConfig, run_dir: Path, *, identity: Mapping[str, Any] | None 
                 summary["wandb_id"] = logger.experiment.id
                 summary["wandb_dir"] = getattr(logger.experiment, "dir", None)
         _write_json(summary_path, summary)
+        cbs = callbacks(cfg, run_dir)
         trainer = pl.Trainer(
             **OmegaConf.to_container(cfg.trainer, resolve=True),
             # under manual optimisation Lightning's global_step advances once per optimizer step
             max_steps=cfg.max_steps * (cfg.d_steps + 1),
             logger=loggers or False,
-            callbacks=[
-                SampleGrid(run_dir, cfg.sample_every),
-                PeriodicCheckpoint(run_dir, cfg.ckpt_every),
-                StepProgress(),
-            ],
+            callbacks=cbs,
             default_root_dir=str(run_dir),
             enable_progress_bar=False,
             enable_checkpointing=False,
@@ -170,6 +188,7 @@ def train(cfg: DictConfig, run_dir: Path, *, identity: Mapping[str, Any] | None 
             num_sanity_val_steps=0,
             log_every_n_steps=1,
         )
+        t_fit = time.time()
         trainer.fit(module, ckpt_path=str(ckpt) if ckpt else None)
         summary.update(
             status="completed",
@@ -177,6 +196,8 @@ def train(cfg: DictConfig, run_dir: Path, *, identity: Mapping[str, Any] | None 
             d_steps_done=module.d_step,
             global_step=trainer.global_step,
             final={k: v for k, v in module.last_logged.items() if not k.startswith("step/")},
+            train_time_s=round(time.time() - t_fit, 2),
+            eval_time_s=round(sum(cb.seconds for cb in cbs if isinstance(cb, Evaluation)), 2),
         )
     except BaseException as exc:
         summary.update(status="failed", error=f"{exc.__class__.__name__}: {exc}")

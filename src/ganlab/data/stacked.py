@@ -24,6 +24,7 @@ class StackedDigits(InMemoryData):
     name = "stacked_digits"
     kind = "image"
     num_classes = 1000
+    eval_samples = 26_000  # PacGAN Table 2 counts modes among 26,000 samples
 
     def __init__(self, n_train: int = 50_000, n_test: int = 5_000, data_seed: int = 1234) -> None:
         super().__init__()

@@ -157,6 +157,7 @@ class StackedMNIST(MNIST):
 
     name = "stacked_mnist"
     num_classes = 1000
+    eval_samples = 26_000  # PacGAN Table 2 counts modes among 26,000 samples
 
     def __init__(
         self,

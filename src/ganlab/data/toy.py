@@ -19,6 +19,7 @@ class GaussianMixture2D(InMemoryData):
 
     kind = "points"
     n_preview = 1000  # points in each scatter plot
+    eval_samples = 2500  # PacGAN's Table 1 protocol
 
     def __init__(self, n_train: int = 100_000, n_test: int = 2_500, data_seed: int = 1234) -> None:
         super().__init__()

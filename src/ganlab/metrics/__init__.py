@@ -1,0 +1,32 @@
+"""Evaluation: FID/IS/KID/precision/recall through torch-fidelity (Inception-v3 or the shipped digits CNN),
+PacGAN's mode-coverage metrics for 2-D mixtures and stacked digits, and the per-data-set evaluator."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# Lazy exports (PEP 562): ``python -m ganlab.metrics.classifier`` must not find its own module pre-imported,
+# and importing the package should not pay for torch-fidelity until a metric is used.
+_EXPORTS = {
+    "DigitsClassifier": "classifier",
+    "load_digits_classifier": "classifier",
+    "Evaluator": "evaluator",
+    "build_evaluator": "evaluator",
+    "DIGITS_EXTRACTOR": "fidelity",
+    "INCEPTION_EXTRACTOR": "fidelity",
+    "REFERENCE_PASSES": "fidelity",
+    "DigitsFeatureExtractor": "fidelity",
+    "compute_fidelity": "fidelity",
+    "protocol_name": "fidelity",
+    "mode_coverage": "modes",
+    "classify_channels": "stacked",
+    "stacked_mode_stats": "stacked",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"ganlab.metrics.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'ganlab.metrics' has no attribute {name!r}")

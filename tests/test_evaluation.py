@@ -1,0 +1,60 @@
+"""Evaluation inside a run: the right metrics for each data set, at every eval_every and at the end, in the
+CSV and in summary.json."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+from conftest import run_cli
+
+FAST = [
+    "logger=csv",
+    "max_steps=4",
+    "log_every=2",
+    "sample_every=4",
+    "ckpt_every=4",
+    "batch_size=16",
+    "metrics.eval_every=2",
+]
+
+
+def _summary(tmp_path: Path) -> dict:
+    return json.loads((tmp_path / "run" / "summary.json").read_text())
+
+
+def test_digits_run_logs_fidelity_metrics_at_every_evaluation(tmp_path: Path) -> None:
+    proc = run_cli(["data=digits", "metrics.n_samples=500", *FAST], tmp_path, env={"GANLAB_CACHE": str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    final = _summary(tmp_path)["final"]
+    for key in ("fid500", "is500", "kid500", "precision500", "recall500"):
+        assert key in final and final[key] == final[key]  # present and not NaN
+    assert final["fid500"] > 0
+    assert {"eval/D(x_test)", "eval/D(G(z))", "eval/d_accuracy"} <= set(final)
+    assert 0.0 <= final["eval/d_accuracy"] <= 1.0
+    with open(tmp_path / "run" / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("fid500")]
+    assert [int(r["step"]) for r in rows] == [2, 4]  # eval_every=2 over 4 generator steps
+
+
+def test_ring8_run_logs_mode_coverage(tmp_path: Path) -> None:
+    proc = run_cli(["data=ring8", *FAST], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    final = _summary(tmp_path)["final"]
+    assert {"modes", "hq_fraction", "reverse_kl"} <= set(final)
+    assert 0 <= final["modes"] <= 8 and 0.0 <= final["hq_fraction"] <= 1.0
+
+
+def test_metrics_none_skips_evaluation(tmp_path: Path) -> None:
+    proc = run_cli(["data=ring8", "metrics=none", *FAST], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "modes" not in _summary(tmp_path)["final"]
+
+
+def test_missing_inception_weights_file_is_one_line(tmp_path: Path) -> None:
+    proc = run_cli(["data=digits", "metrics.inception_weights=/nowhere/inception.pth", *FAST], tmp_path)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1] == "error: metrics.inception_weights: no file at /nowhere/inception.pth"
+    assert "Traceback" not in proc.stderr

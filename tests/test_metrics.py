@@ -1,0 +1,308 @@
+"""Evaluation: torch-fidelity numbers against an independent numpy/scipy computation on the same features, the
+digits CNN's accuracy, PacGAN's mode metrics on hand-made sets, the reference-statistics cache, offline errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import urllib.error
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+import torch_fidelity.feature_extractor_inceptionv3 as tf_inception
+
+from ganlab.data import Digits, Ring8, StackedDigits, load_digits_uint8
+from ganlab.data.base import InMemoryData
+from ganlab.errors import UserError
+from ganlab.metrics import fidelity as fm
+from ganlab.metrics.classifier import DEFAULT_WEIGHTS, accuracy, load_digits_classifier, sha256_file
+from ganlab.metrics.evaluator import build_evaluator, channel_classifier_from_labels
+from ganlab.metrics.modes import mode_coverage
+from ganlab.metrics.stacked import classify_channels, stacked_mode_stats
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_digits_uint8()
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("GANLAB_CACHE", str(tmp_path / "cache"))
+
+
+def _noise(n: int, seed: int = 0, c: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, c, 8, 8), generator=g, dtype=torch.uint8)
+
+
+def _features(x: torch.Tensor, layers: list[str]) -> dict[str, np.ndarray]:
+    """Our extractor called directly, batched as torch-fidelity batches (64), as float64 numpy."""
+    ext = fm.DigitsFeatureExtractor(fm.DIGITS_EXTRACTOR, layers).eval()
+    with torch.no_grad():
+        outs = [ext(b) for b in x.split(64)]
+    return {name: torch.cat([o[i] for o in outs]).numpy() for i, name in enumerate(layers)}
+
+
+# -- the classifier --------------------------------------------------------------------------------------------
+def test_shipped_classifier_accuracy_and_record(digits):
+    _, _, test_x, test_y = digits
+    model = load_digits_classifier()
+    acc = accuracy(model, test_x, test_y)
+    assert acc >= 0.97
+    record = json.loads(DEFAULT_WEIGHTS.with_suffix(".json").read_text())
+    assert record["sha256"] == sha256_file(DEFAULT_WEIGHTS)
+    assert abs(record["test_accuracy"] - acc) < 1e-3
+    assert DEFAULT_WEIGHTS.stat().st_size < 1_000_000
+
+
+def test_extractor_returns_features_in_requested_order(digits):
+    x = digits[2][:10]
+    a = _features(x, ["features", "logits_unbiased"])
+    b = _features(x, ["logits_unbiased", "features"])
+    assert a["features"].shape == (10, 64) and a["logits_unbiased"].shape == (10, 10)
+    np.testing.assert_array_equal(a["features"], b["features"])
+    np.testing.assert_array_equal(a["logits_unbiased"], b["logits_unbiased"])
+    # Stacked: per-channel features side by side, log-probabilities over the 1,000 triples.
+    s = _features(torch.cat([x, x.flip(0), x], dim=1), ["logits_unbiased", "features"])
+    assert s["features"].shape == (10, 192) and s["logits_unbiased"].shape == (10, 1000)
+    np.testing.assert_allclose(np.exp(s["logits_unbiased"]).sum(1), 1.0, rtol=1e-9)
+
+
+# -- torch-fidelity against numpy/scipy ------------------------------------------------------------------------
+def _fid(f1: np.ndarray, f2: np.ndarray) -> float:
+    mu1, mu2 = f1.mean(0), f2.mean(0)
+    s1, s2 = np.cov(f1, rowvar=False), np.cov(f2, rowvar=False)
+    covmean = scipy.linalg.sqrtm(s1 @ s2).real
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+
+
+def _inception_score(logits: np.ndarray, splits: int = 10, seed: int = 2020) -> float:
+    logits = logits[np.random.RandomState(seed).permutation(len(logits))]
+    logp = logits - scipy.special.logsumexp(logits, axis=1, keepdims=True)
+    p, n, scores = np.exp(logp), len(logits), []
+    for i in range(splits):
+        sl = slice(i * n // splits, (i + 1) * n // splits)
+        py = p[sl].mean(0)
+        scores.append(np.exp((p[sl] * (logp[sl] - np.log(py))).sum(1).mean()))
+    return float(np.mean(scores))
+
+
+def _kid(f1: np.ndarray, f2: np.ndarray, m: int, subsets: int = 100, seed: int = 2020) -> float:
+    rng, d, vals = np.random.RandomState(seed), f1.shape[1], []
+    for _ in range(subsets):
+        x = f1[rng.choice(len(f1), m, replace=False)]
+        y = f2[rng.choice(len(f2), m, replace=False)]
+        kxx, kyy, kxy = ((x @ x.T) / d + 1) ** 3, ((y @ y.T) / d + 1) ** 3, ((x @ y.T) / d + 1) ** 3
+        vals.append(
+            (kxx.sum() - np.trace(kxx)) / (m * (m - 1)) + (kyy.sum() - np.trace(kyy)) / (m * (m - 1)) - 2 * kxy.mean()
+        )
+    return float(np.mean(vals))
+
+
+def test_fid_kid_is_equal_numpy_scipy_on_the_same_features(digits):
+    train_x, _, test_x, _ = digits
+    fake = torch.cat([test_x, _noise(140)])  # 500 samples: real digits plus some noise, so FID is not tiny
+    got = fm.compute_fidelity(fake, train_x, cache_key_parts=("digits", "train"), prc=False)
+    ff = _features(fake, ["features", "logits_unbiased"])
+    fr = _features(train_x, ["features"])["features"]
+    assert got["fid500"] == pytest.approx(_fid(ff["features"], fr), rel=1e-6)
+    assert got["is500"] == pytest.approx(_inception_score(ff["logits_unbiased"]), rel=1e-4)
+    assert got["kid500"] == pytest.approx(_kid(ff["features"], fr, m=500), rel=1e-6)
+
+
+def test_fid_and_is_order_real_noise_and_collapse(digits):
+    train_x, _, test_x, _ = digits
+    kw = {"cache_key_parts": ("digits", "train"), "kid": False, "prc": False}
+    real = fm.compute_fidelity(test_x, train_x, **kw)["fid360"]
+    noise = fm.compute_fidelity(_noise(360), train_x, **kw)["fid360"]
+    one = fm.compute_fidelity(test_x[:1].repeat(360, 1, 1, 1), train_x, **kw)["fid360"]
+    assert real < 5.0
+    assert noise > 50 * real and one > 50 * real
+    assert real < noise < one  # a single repeated digit is further from the data than noise is (measured)
+    is_real = fm.compute_fidelity(train_x, train_x, isc=True, fid=False, kid=False, prc=False)["is1437"]
+    is_one = fm.compute_fidelity(train_x[:1].repeat(500, 1, 1, 1), train_x, isc=True, fid=False, kid=False, prc=False)
+    assert 7.0 < is_real <= 10.0
+    assert is_one["is500"] < 1.5
+
+
+# -- mode metrics ----------------------------------------------------------------------------------------------
+def test_mode_coverage_on_hand_made_ring_points():
+    centers, std = Ring8.centers, Ring8.std
+    counts = [1, 2, 3, 4, 10]  # samples exactly on 5 of the 8 centres
+    pts = torch.cat([centers[i].repeat(c, 1) for i, c in enumerate(counts)])
+    out = mode_coverage(pts, centers, std)
+    p = np.array(counts) / sum(counts)
+    assert out["modes"] == 5 and out["hq_fraction"] == 1.0
+    assert out["reverse_kl"] == pytest.approx(float((p * np.log(8 * p)).sum()), rel=1e-12)
+    # Low-quality samples count in hq_fraction only; 3 std is the boundary.
+    off = torch.stack([centers[5] + torch.tensor([2.9 * std, 0.0]), centers[6] + torch.tensor([0.0, 3.1 * std])])
+    out2 = mode_coverage(torch.cat([pts, off]), centers, std)
+    assert out2["modes"] == 6 and out2["hq_fraction"] == pytest.approx(21 / 22)
+    far = torch.tensor([[0.0, 0.0], [3.0, 3.0], [-0.5, 0.2]])
+    out3 = mode_coverage(far, centers, std)
+    assert out3 == {"modes": 0.0, "hq_fraction": 0.0, "reverse_kl": math.log(8)}
+    uniform = mode_coverage(centers.repeat(3, 1), centers, std)
+    assert uniform["modes"] == 8 and uniform["reverse_kl"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_evaluator_on_ring8_and_on_points_without_modes():
+    data = Ring8(n_train=1000, n_test=2500)
+    ev = build_evaluator(data, n_samples=2500, device="cpu", inception_weights=None)
+    data.setup()
+    out = ev(data.test_x)
+    assert out["modes"] == 8 and out["hq_fraction"] > 0.99 and out["reverse_kl"] < 0.01
+    collapsed = ev(Ring8.centers[:1].repeat(2500, 1))
+    assert collapsed["modes"] == 1 and collapsed["reverse_kl"] == pytest.approx(math.log(8))
+
+    class Line(InMemoryData):
+        name, kind = "line", "points"
+
+        def load(self):
+            return torch.randn(10, 1), None, torch.randn(10, 1), None
+
+    assert build_evaluator(Line(), n_samples=10, device="cpu", inception_weights=None)(torch.randn(10, 1)) == {}
+
+
+# -- stacked digits --------------------------------------------------------------------------------------------
+def test_stacked_mode_stats_real_triples_and_collapse(digits):
+    _, _, test_x, test_y = digits
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randint(len(test_x), (20_000, 3), generator=g)
+    images = test_x[idx.flatten(), 0].reshape(20_000, 3, 8, 8)
+    triples = classify_channels(images, load_digits_classifier())
+    assert (triples == test_y[idx]).float().mean() > 0.97
+    out = stacked_mode_stats(triples)
+    assert out["modes"] >= 990 and out["kl"] < 0.1
+    assert stacked_mode_stats(triples[:1].repeat(500, 1)) == {"modes": 1.0, "kl": pytest.approx(math.log(1000))}
+    # Mode indices work too and agree with triples.
+    assert stacked_mode_stats(triples[:, 0] * 100 + triples[:, 1] * 10 + triples[:, 2]) == out
+
+
+def test_stacked_digits_evaluator_end_to_end():
+    data = StackedDigits(n_train=3000, n_test=1000)
+    ev = build_evaluator(data, n_samples=500, device="cpu", inception_weights=None)
+    data.setup()
+    real = ev(data.test_x)  # the first 500 are used
+    collapsed = ev(data.test_x[:1].repeat(500, 1, 1, 1))
+    assert real["modes"] > 330 and collapsed["modes"] == 1  # 500 draws of 1000 modes: 1000 (1 - e^-0.5) = 393
+    assert real["fid500"] < 0.05 * collapsed["fid500"]
+    # IS over the 1,000 triples; each of the 10 splits holds 50 samples, so IS cannot exceed about 50 here.
+    assert 30 < real["is500"] <= 50 and collapsed["is500"] < 1.5
+    assert {"kid500", "precision500", "recall500", "kl"} <= set(real)
+
+
+def test_stacked_labels_train_a_channel_classifier(tmp_path):
+    data = StackedDigits(n_train=1000, n_test=500)
+    data.setup()
+    clf = channel_classifier_from_labels(data, tmp_path, epochs=6)
+    pred = classify_channels(data.test_x, clf)
+    digits = torch.stack([data.test_y // 100, data.test_y // 10 % 10, data.test_y % 10], dim=1)
+    assert (pred == digits).float().mean() > 0.9
+    assert len(list((tmp_path / "classifiers").glob("stacked_digits-*.pt"))) == 1
+
+
+# -- the reference cache ---------------------------------------------------------------------------------------
+def test_reference_statistics_are_computed_once_and_keyed_by_weights(digits, tmp_path):
+    data = Digits()
+    fakes = [_noise(500, seed=1), _noise(500, seed=2)]
+    before = sum(fm.REFERENCE_PASSES.values())
+    ev = build_evaluator(data, n_samples=500, device="cpu", inception_weights=None)
+    first = ev(fakes[0])
+    passes = sum(fm.REFERENCE_PASSES.values()) - before
+    assert passes == 2  # the train split for FID/KID, its fixed 500-sample subset for precision/recall
+    ev(fakes[1])
+    again = build_evaluator(data, n_samples=500, device="cpu", inception_weights=None)(fakes[0])
+    assert sum(fm.REFERENCE_PASSES.values()) - before == passes  # second and third evaluations: all cached
+    assert again == first
+    assert set(first) == {"fid500", "is500", "is500_std", "kid500", "kid500_std", "precision500", "recall500"}
+    cache = tmp_path / "cache" / "fidelity"
+    n_files = len(list(cache.iterdir()))
+    assert not list(cache.glob("tmp-fake-*"))  # the generated features shared between calls are removed
+
+    # Same name, other weights: a new cache entry and a different number, never the stale one.
+    state = torch.load(DEFAULT_WEIGHTS, weights_only=True)
+    state["body.10.weight"] = state["body.10.weight"] * 1.5
+    other = tmp_path / "other_cnn.pt"
+    torch.save(state, other)
+    kw = {"cache_key_parts": ("digits", "train"), "isc": False, "kid": False, "prc": False}
+    default = fm.compute_fidelity(fakes[0], data.train_x, **kw)
+    changed = fm.compute_fidelity(fakes[0], data.train_x, weights_path=other, **kw)
+    assert len(list(cache.iterdir())) > n_files
+    assert default["fid500"] == pytest.approx(first["fid500"], rel=1e-12)
+    assert changed["fid500"] != pytest.approx(default["fid500"], rel=1e-3)
+    # A modified copy of the reference data is another entry as well.
+    shutil.rmtree(cache)
+    before = sum(fm.REFERENCE_PASSES.values())
+    fm.compute_fidelity(fakes[0], data.train_x, **kw)
+    fm.compute_fidelity(fakes[0], data.train_x.flip(0)[:1000], **kw)
+    assert sum(fm.REFERENCE_PASSES.values()) - before == 2
+
+
+def test_protocol_names():
+    assert fm.protocol_name("fid", 2000) == "fid2k"
+    assert fm.protocol_name("fid", 50_000) == "fid50k"
+    assert fm.protocol_name("is", 500) == "is500"
+    assert fm.protocol_name("kid", 2500) == "kid2500"
+
+
+# -- Inception offline -----------------------------------------------------------------------------------------
+class _Tiny(InMemoryData):
+    name, kind = "cifar10", "image"
+
+    def load(self):
+        return _noise(20, c=3), None, _noise(20, seed=1, c=3), None
+
+
+def test_missing_inception_weights_file_is_a_one_line_user_error(tmp_path):
+    missing = tmp_path / "nowhere" / "weights-inception-2015-12-05-6726825d.pth"
+    with pytest.raises(UserError) as e:
+        fm.compute_fidelity(_noise(20, c=3), _noise(20, c=3), extractor=fm.INCEPTION_EXTRACTOR, weights_path=missing)
+    msg = str(e.value)
+    assert "\n" not in msg and str(missing) in msg and "metrics.inception_weights=" in msg
+    with pytest.raises(UserError):  # at build time, before any training
+        build_evaluator(_Tiny(), n_samples=20, device="cpu", inception_weights=str(missing))
+
+
+def test_offline_inception_download_is_a_user_error_with_advice(monkeypatch):
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(tf_inception, "load_state_dict_from_url", offline)
+    ev = build_evaluator(_Tiny(), n_samples=20, device="cpu", inception_weights=None)
+    with pytest.raises(UserError) as e:
+        ev(_noise(20, seed=3, c=3))
+    msg = str(e.value)
+    assert "\n" not in msg and "metrics.inception_weights=" in msg and "name resolution" in msg
+
+
+def test_inception_path_with_a_local_weights_file(tmp_path, monkeypatch):
+    """The Inception route end to end, offline: random weights written to a file, grey images repeated to RGB.
+
+    FID is left out: its 2048x2048 eigendecomposition alone takes seconds on this CPU; it is the same code path.
+    """
+    with monkeypatch.context() as m:  # build the network without its download, then save it as "local weights"
+        m.setattr(tf_inception, "load_state_dict_from_url", lambda *a, **k: {})
+        m.setattr(tf_inception.FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd: None)
+        net = tf_inception.FeatureExtractorInceptionV3(fm.INCEPTION_EXTRACTOR, ["2048"])
+    torch.manual_seed(0)
+    for mod in net.modules():  # He init keeps a signal through ~90 layers (the default init fades to constants)
+        if isinstance(mod, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(mod.weight, nonlinearity="relu")
+    weights = tmp_path / "weights-inception-2015-12-05-6726825d.pth"
+    torch.save(net.state_dict(), weights)
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("a local weights file must not trigger a download")
+
+    monkeypatch.setattr(tf_inception, "load_state_dict_from_url", no_download)
+    fake, real = _noise(10, seed=4), _noise(4, seed=5)  # grey 8x8; Inception: ~7 images/s on this CPU
+    kw = {"extractor": fm.INCEPTION_EXTRACTOR, "weights_path": weights, "cache_key_parts": ("mnist", "train")}
+    before = sum(fm.REFERENCE_PASSES.values())
+    out = fm.compute_fidelity(fake, real, fid=False, prc=False, **kw)
+    assert set(out) == {"is10", "is10_std", "kid10", "kid10_std"}
+    assert all(math.isfinite(v) for v in out.values()) and out["is10"] >= 1.0 - 1e-9 and out["kid10"] != 0.0
+    assert sum(fm.REFERENCE_PASSES.values()) - before == 1
