@@ -15,6 +15,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -95,7 +96,24 @@ def _write_json(path: Path, obj: Mapping[str, Any]) -> None:
 
 
 def build(cfg: DictConfig) -> GANModule:
-    """Instantiate data, networks, objective and tricks from the config (``_target_`` is the registry)."""
+    """Instantiate data, networks, objective and tricks from the config (``_target_`` is the registry).
+
+    Hydra wraps a constructor's exception in ``InstantiationException``; a :class:`UserError` (bad setting,
+    missing data) is unwrapped so the user gets its one line, and a ``ValueError`` from a constructor's argument
+    check becomes one.
+    """
+    try:
+        return _build(cfg)
+    except InstantiationException as exc:
+        cause = exc.__cause__
+        if isinstance(cause, UserError):
+            raise cause from None
+        if isinstance(cause, ValueError):
+            raise UserError(str(cause)) from None
+        raise
+
+
+def _build(cfg: DictConfig) -> GANModule:
     data = instantiate(cfg.data)
     data.setup()
     generator = instantiate(cfg.model.generator, out_shape=data.shape)
