@@ -34,8 +34,10 @@ def validate(cfg: DictConfig) -> None:
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise UserError(f"{key} must be a positive integer (got {value!r})")
 
-    for key in ("d_steps", "max_steps", "batch_size", "log_every", "sample_every", "ckpt_every"):
+    for key in ("d_steps", "max_steps", "log_every", "sample_every", "ckpt_every"):
         positive_int(key, cfg[key])
+    if cfg.batch_size is not None:
+        positive_int("batch_size", cfg.batch_size)
     if cfg.metrics.enabled:
         positive_int("metrics.eval_every", cfg.metrics.eval_every)
         if cfg.metrics.n_samples is not None:
@@ -128,7 +130,7 @@ def _build(cfg: DictConfig) -> GANModule:
         objective,
         data,
         d_steps=cfg.d_steps,
-        batch_size=cfg.batch_size,
+        batch_size=cfg.batch_size or data.batch_size,
         max_steps=cfg.max_steps,
         optim_g=OmegaConf.to_container(cfg.model.optim_g),
         optim_d=OmegaConf.to_container(cfg.model.optim_d),

@@ -36,6 +36,7 @@ class InMemoryData(pl.LightningDataModule):
     kind: str = "image"  # "image" (uint8 NCHW) or "points" (float32 [N, D])
     num_classes: int | None = None
     n_preview: int = 64  # fixed-noise samples in each sample grid
+    batch_size: int = 64  # m when the config leaves batch_size null
     eval_samples: int = 2000  # generated samples per evaluation unless metrics.n_samples says otherwise
 
     def __init__(self) -> None:
