@@ -245,8 +245,8 @@ class Evaluation(pl.Callback):
         was_training = module.D.training
         module.D.eval()
         try:
-            p_real = torch.sigmoid(module.D(real)[0].reshape(len(real), -1).logsumexp(1))
-            p_fake = torch.sigmoid(module.D(fake)[0].reshape(len(fake), -1).logsumexp(1))
+            p_real = torch.sigmoid(module.gan_logit(module.D(real)[0]))
+            p_fake = torch.sigmoid(module.gan_logit(module.D(fake)[0]))
         finally:
             module.D.train(was_training)
         acc = torch.cat([(p_real > 0.5).float(), (p_fake < 0.5).float()]).mean()

@@ -226,55 +226,53 @@ class GANModule(pl.LightningModule):
             for group in opt.param_groups:
                 group["lr"] = float(cfg.get("lr", 2e-4)) * factor
 
-    def _d_update(self, opt: Any, real: Tensor, z: Tensor, log_now: bool) -> dict[str, Tensor]:
-        with torch.no_grad():
-            fake = self.G(z)
-        real_logits, _ = self.D(real)
-        fake_logits, _ = self.D(fake)
-        loss, logs = discriminator_loss(real_logits, fake_logits, self.real_target)
-        penalty = self._penalties("D", self.D)
+    def gan_logit(self, d_out: Tensor) -> Tensor:
+        """D's real/fake logit from its output (the semi-supervised D overrides this: logsumexp of K logits)."""
+        return d_out
+
+    def _apply_update(self, player: Player, opt: Any, loss: Tensor, logs: dict[str, Tensor], log_now: bool) -> None:
+        """What every update shares: trick penalties, backward, the deferred finiteness flag, the gradient norm
+        (log steps only), the optimizer step and the trick hooks."""
+        net = self.D if player == "D" else self.G
+        penalty = self._penalties(player, net)
         if penalty is not None:
             loss = loss + penalty
-            logs["loss/d_penalty"] = penalty.detach()
+            logs[f"loss/{player.lower()}_penalty"] = penalty.detach()
         opt.zero_grad(set_to_none=True)
         self.manual_backward(loss)
         self._flag_nonfinite(loss)
         if log_now:
-            logs["grad_norm/d"] = self._grad_norm(self.D)
-            logs["D(x)"] = torch.sigmoid(real_logits.detach()).mean()
+            logs[f"grad_norm/{player.lower()}"] = self._grad_norm(net)
         opt.step()
-        self.d_step += 1
+        if player == "D":
+            self.d_step += 1
+            logs["loss/d"] = loss.detach()
         for trick in self.tricks:
-            trick.after_update("D", self.D)
-        logs["loss/d"] = loss.detach()
+            trick.after_update(player, net)
+
+    def _d_update(self, opt: Any, real: Tensor, z: Tensor, log_now: bool) -> dict[str, Tensor]:
+        with torch.no_grad():
+            fake = self.G(z)
+        real_logit = self.gan_logit(self.D(real)[0])
+        loss, logs = discriminator_loss(real_logit, self.gan_logit(self.D(fake)[0]), self.real_target)
+        if log_now:
+            logs["D(x)"] = torch.sigmoid(real_logit.detach()).mean()
+        self._apply_update("D", opt, loss, logs, log_now)
         return logs
 
     def _g_update(self, opt: Any, real_idx: Tensor, z: Tensor, log_now: bool) -> dict[str, Tensor]:
-        fake = self.G(z)
-        fake_logits, fake_feats = self.D(fake)
+        d_out, fake_feats = self.D(self.G(z))
+        fake_logit = self.gan_logit(d_out)
         layers = self.objective.feature_layers
         kwargs: dict[str, Any] = {}
         if layers is not None:
             with torch.no_grad():
                 _, real_feats = self.D(self.real_batch(real_idx))
-            kwargs = {
-                "fake_feats": [fake_feats[i] for i in layers],
-                "real_feats": [real_feats[i] for i in layers],
-            }
-        loss, logs = self.objective(fake_logits, g_step=self.g_step, **kwargs)
-        penalty = self._penalties("G", self.G)
-        if penalty is not None:
-            loss = loss + penalty
-            logs["loss/g_penalty"] = penalty.detach()
-        opt.zero_grad(set_to_none=True)
-        self.manual_backward(loss)
-        self._flag_nonfinite(loss)
+            kwargs = {"fake_feats": [fake_feats[i] for i in layers], "real_feats": [real_feats[i] for i in layers]}
+        loss, logs = self.objective(fake_logit, g_step=self.g_step, **kwargs)
         if log_now:
-            logs["grad_norm/g"] = self._grad_norm(self.G)
-            logs["D(G(z))"] = torch.sigmoid(fake_logits.detach()).mean()
-        opt.step()
-        for trick in self.tricks:
-            trick.after_update("G", self.G)
+            logs["D(G(z))"] = torch.sigmoid(fake_logit.detach()).mean()
+        self._apply_update("G", opt, loss, logs, log_now)
         return logs
 
     def _log(self, logs: Mapping[str, Tensor]) -> None:

@@ -190,6 +190,9 @@ class SemiSupervisedGAN(GANModule):
         return self.real_batch(self.labelled_idx[pick]), self.labelled_y[pick]
 
     # -- the updates ------------------------------------------------------------------------------------------
+    def gan_logit(self, d_out: Tensor) -> Tensor:
+        return real_fake_logit(d_out)
+
     def _d_update(self, opt: Any, real: Tensor, z: Tensor, log_now: bool) -> dict[str, Tensor]:
         x_lab, y_lab = self.labelled_batch()
         with torch.no_grad():
@@ -205,52 +208,10 @@ class SemiSupervisedGAN(GANModule):
             supervised_weight=self.supervised_weight,
             real_target=self.real_target,
         )
-        penalty = self._penalties("D", self.D)
-        if penalty is not None:
-            loss = loss + penalty
-            logs["loss/d_penalty"] = penalty.detach()
-        opt.zero_grad(set_to_none=True)
-        self.manual_backward(loss)
-        self._flag_nonfinite(loss)
         if log_now:
-            logs["grad_norm/d"] = self._grad_norm(self.D)
             logs["D(x)"] = torch.sigmoid(real_fake_logit(real_logits.detach())).mean()
             logs["ssl/train_error_labelled"] = (lab_logits.detach().argmax(1) != y_lab).float().mean() * 100
-        opt.step()
-        self.d_step += 1
-        for trick in self.tricks:
-            trick.after_update("D", self.D)
-        logs["loss/d"] = loss.detach()
-        return logs
-
-    def _g_update(self, opt: Any, real_idx: Tensor, z: Tensor, log_now: bool) -> dict[str, Tensor]:
-        # GANModule._g_update, except that the objective and the D(G(z)) log see the real/fake logit lse(l)
-        fake = self.G(z)
-        fake_logits, fake_feats = self.D(fake)
-        fake_logit = real_fake_logit(fake_logits)
-        layers = self.objective.feature_layers
-        kwargs: dict[str, Any] = {}
-        if layers is not None:
-            with torch.no_grad():
-                _, real_feats = self.D(self.real_batch(real_idx))
-            kwargs = {
-                "fake_feats": [fake_feats[i] for i in layers],
-                "real_feats": [real_feats[i] for i in layers],
-            }
-        loss, logs = self.objective(fake_logit, g_step=self.g_step, **kwargs)
-        penalty = self._penalties("G", self.G)
-        if penalty is not None:
-            loss = loss + penalty
-            logs["loss/g_penalty"] = penalty.detach()
-        opt.zero_grad(set_to_none=True)
-        self.manual_backward(loss)
-        self._flag_nonfinite(loss)
-        if log_now:
-            logs["grad_norm/g"] = self._grad_norm(self.G)
-            logs["D(G(z))"] = torch.sigmoid(fake_logit.detach()).mean()
-        opt.step()
-        for trick in self.tricks:
-            trick.after_update("G", self.G)
+        self._apply_update("D", opt, loss, logs, log_now)
         return logs
 
     # -- evaluation -------------------------------------------------------------------------------------------
