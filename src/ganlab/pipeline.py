@@ -7,8 +7,10 @@ The run folder (Hydra's working directory for the job) receives ``config.yaml`` 
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import time
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -153,6 +155,15 @@ def callbacks(cfg: DictConfig, run_dir: Path) -> list[pl.Callback]:
     return [*out, PeriodicCheckpoint(run_dir, cfg.ckpt_every), StepProgress()]
 
 
+def _quiet_lightning() -> None:
+    """Keep the console to our progress lines: Lightning's tips, checkpoint-loading notes and the CSV logger's
+    "directory not empty" warning (the run folder always holds config.yaml first) say nothing actionable."""
+    for name in ("pytorch_lightning.utilities.rank_zero", "pytorch_lightning.trainer.connectors.checkpoint_connector"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*Experiment logs directory.*exists and is not empty.*")
+    warnings.filterwarnings("ignore", message=".*isinstance.treespec, LeafSpec.*")
+
+
 def train(cfg: DictConfig, run_dir: Path, *, identity: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Train one run into ``run_dir`` and return its summary (also written to ``summary.json``).
 
@@ -160,6 +171,7 @@ def train(cfg: DictConfig, run_dir: Path, *, identity: Mapping[str, Any] | None 
     can tell a crashed job from a finished one without W&B.
     """
     t0 = time.time()
+    _quiet_lightning()
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     summary_path = run_dir / "summary.json"
@@ -208,6 +220,7 @@ def train(cfg: DictConfig, run_dir: Path, *, identity: Mapping[str, Any] | None 
             num_sanity_val_steps=0,
             log_every_n_steps=1,
         )
+        print(f"training {cfg.max_steps} generator steps on {module.device.type}, run folder: {run_dir}", flush=True)
         t_fit = time.time()
         trainer.fit(module, ckpt_path=str(ckpt) if ckpt else None)
         summary.update(
