@@ -220,7 +220,8 @@ def train(cfg: DictConfig, run_dir: Path, *, identity: Mapping[str, Any] | None 
             num_sanity_val_steps=0,
             log_every_n_steps=1,
         )
-        print(f"training {cfg.max_steps} generator steps on {trainer.strategy.root_device.type}, run folder: {run_dir}", flush=True)
+        device = trainer.strategy.root_device.type
+        print(f"training {cfg.max_steps} generator steps on {device}, run folder: {run_dir}", flush=True)
         t_fit = time.time()
         trainer.fit(module, ckpt_path=str(ckpt) if ckpt else None)
         summary.update(
