@@ -18,6 +18,18 @@ TRAIN = ROOT / "src" / "train.py"
 
 os.environ.setdefault("WANDB_SILENT", "true")
 
+# a tiny, fast 2-D setting for tests that train in-process
+TINY = [
+    "data=ring8",
+    "logger=csv",
+    "model.generator.width=16",
+    "model.discriminator.width=16",
+    "batch_size=8",
+    "log_every=1",
+    "sample_every=1000",
+    "ckpt_every=1000",
+]
+
 
 def compose_cfg(overrides: Sequence[str] = ()) -> DictConfig:
     """The config ``python src/train.py <overrides>`` would run with (without the hydra node)."""

@@ -10,19 +10,8 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from conftest import compose_cfg
+from conftest import TINY, compose_cfg
 from ganlab.pipeline import build, train
-
-TINY = [
-    "data=ring8",
-    "logger=csv",
-    "model.generator.width=16",
-    "model.discriminator.width=16",
-    "batch_size=8",
-    "log_every=1",
-    "sample_every=1000",
-    "ckpt_every=1000",
-]
 
 
 def _trainer(max_g_steps: int, d_steps: int, callbacks: list) -> pl.Trainer:

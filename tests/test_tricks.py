@@ -8,22 +8,12 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import CONF, compose_cfg, run_cli
+from conftest import CONF, TINY, compose_cfg, run_cli
 from ganlab.losses import FeatureMatching
 from ganlab.nets import DCGANDiscriminator, DCGANGenerator, MLPGenerator
 from ganlab.pipeline import build, train
 from ganlab.tricks import HistoricalAveraging, LabelSmoothing
 
-TINY = [
-    "data=ring8",
-    "logger=csv",
-    "model.generator.width=16",
-    "model.discriminator.width=16",
-    "batch_size=8",
-    "log_every=1",
-    "sample_every=1000",
-    "ckpt_every=1000",
-]
 TRICKS = sorted(p.stem for p in (CONF / "tricks").glob("*.yaml"))
 ARMS = sorted(p.stem for p in (CONF / "loss").glob("*.yaml"))
 

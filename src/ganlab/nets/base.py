@@ -35,6 +35,12 @@ class Discriminator(nn.Module):
 
     n_outputs: int = 1
 
+    def set_outputs(self, n_outputs: int) -> None:
+        """Validate and set K, the number of logits the head gives."""
+        if n_outputs < 1:
+            raise ValueError(f"model.discriminator.n_outputs must be >= 1 (got {n_outputs})")
+        self.n_outputs = int(n_outputs)
+
     def _build(
         self,
         n_blocks: int,

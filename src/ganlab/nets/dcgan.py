@@ -97,9 +97,7 @@ class DCGANDiscriminator(Discriminator):
         n_outputs: int = 1,
     ) -> None:
         super().__init__()
-        if n_outputs < 1:
-            raise ValueError(f"model.discriminator.n_outputs must be >= 1 (got {n_outputs})")
-        self.n_outputs = int(n_outputs)
+        self.set_outputs(n_outputs)
         c, h, _ = in_shape
         n = _stages(h)
         sizes = [h // 2**i for i in range(n + 1)]  # spatial size after block i

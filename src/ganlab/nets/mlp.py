@@ -61,9 +61,7 @@ class MLPDiscriminator(Discriminator):
         n_outputs: int = 1,
     ) -> None:
         super().__init__()
-        if n_outputs < 1:
-            raise ValueError(f"model.discriminator.n_outputs must be >= 1 (got {n_outputs})")
-        self.n_outputs = int(n_outputs)
+        self.set_outputs(n_outputs)
 
         def block(i: int, d_in: int) -> tuple[nn.Module, int]:
             layers: list[nn.Module] = [nn.Linear(d_in, width)]
