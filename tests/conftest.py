@@ -57,3 +57,29 @@ def _few_threads() -> None:
     import torch
 
     torch.set_num_threads(2)
+
+
+class NaNFrom:
+    """A test-only trick: D's loss becomes NaN from generator step ``step`` on."""
+
+    real_target = None
+
+    def __init__(self, step: int) -> None:
+        self.step, self.module = step, None
+
+    def setup(self, module) -> None:
+        self.module = module
+
+    def penalty(self, player, net):
+        import torch
+
+        return torch.tensor(float("nan")) if player == "D" and self.module.g_step >= self.step else None
+
+    def after_update(self, player, net) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state) -> None:
+        pass

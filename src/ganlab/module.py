@@ -224,7 +224,7 @@ class GANModule(pl.LightningModule):
     def _set_lr(self, factor: float) -> None:
         for opt, cfg in zip(self.optimizers(), (self.optim_g, self.optim_d), strict=True):
             for group in opt.param_groups:
-                group["lr"] = float(cfg.get("lr", 2e-4)) * factor
+                group["lr"] = self._base_lr(cfg) * factor
 
     def gan_logit(self, d_out: Tensor) -> Tensor:
         """D's real/fake logit from its output (the semi-supervised D overrides this: logsumexp of K logits)."""
@@ -289,9 +289,14 @@ class GANModule(pl.LightningModule):
     def train_dataloader(self) -> Any:
         return self.data.train_dataloader()  # one tick per generator step; real batches are sampled above
 
+    @staticmethod
+    def _base_lr(cfg: Mapping[str, Any]) -> float:
+        """A player's configured learning rate (the start of the decay schedule)."""
+        return float(cfg.get("lr", 2e-4))
+
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         def adam(params: Any, cfg: Mapping[str, Any]) -> torch.optim.Optimizer:
-            return torch.optim.Adam(params, lr=float(cfg.get("lr", 2e-4)), betas=tuple(cfg.get("betas", (0.5, 0.999))))
+            return torch.optim.Adam(params, lr=self._base_lr(cfg), betas=tuple(cfg.get("betas", (0.5, 0.999))))
 
         return [adam(self.G.parameters(), self.optim_g), adam(self.D.parameters(), self.optim_d)]
 

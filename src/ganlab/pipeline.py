@@ -20,6 +20,7 @@ import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.loggers import WandbLogger
 
 from ganlab.callbacks import Evaluation, PeriodicCheckpoint, SampleGrid, StepProgress
 from ganlab.errors import UserError
@@ -202,7 +203,7 @@ def train(cfg: DictConfig, run_dir: Path, *, identity: Mapping[str, Any] | None 
         run_config["identity"] = dict(identity or {})
         loggers = make_loggers(cfg.logger, run_dir, run_config, wandb_id=previous.get("wandb_id"))
         for logger in loggers:
-            if hasattr(logger, "experiment") and hasattr(logger.experiment, "id"):
+            if isinstance(logger, WandbLogger):
                 summary["wandb_id"] = logger.experiment.id
                 summary["wandb_dir"] = getattr(logger.experiment, "dir", None)
         _write_json(summary_path, summary)
