@@ -12,6 +12,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
+from ganlab.tricks.base import Trick
+
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 TRAIN = ROOT / "src" / "train.py"
@@ -29,6 +31,14 @@ TINY = [
     "sample_every=1000",
     "ckpt_every=1000",
 ]
+
+
+def comparison_arms() -> list[str]:
+    """THE list of comparison arms (conf/sweep/arms.yaml), in the order the sweeps run them."""
+    import yaml
+
+    spec = yaml.safe_load((CONF / "sweep" / "arms.yaml").read_text())
+    return [a.strip() for a in str(spec["hydra"]["sweeper"]["params"]["loss"]).split(",")]
 
 
 def compose_cfg(overrides: Sequence[str] = ()) -> DictConfig:
@@ -59,10 +69,8 @@ def _few_threads() -> None:
     torch.set_num_threads(2)
 
 
-class NaNFrom:
+class NaNFrom(Trick):
     """A test-only trick: D's loss becomes NaN from generator step ``step`` on."""
-
-    real_target = None
 
     def __init__(self, step: int) -> None:
         self.step, self.module = step, None
@@ -74,12 +82,3 @@ class NaNFrom:
         import torch
 
         return torch.tensor(float("nan")) if player == "D" and self.module.g_step >= self.step else None
-
-    def after_update(self, player, net) -> None:
-        pass
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state) -> None:
-        pass

@@ -385,3 +385,52 @@ def test_stacked_digits_channels_are_digits_of_the_label() -> None:
     again = StackedDigits(n_train=300, n_test=60)
     again.setup()
     assert torch.equal(again.train_x, data.train_x) and torch.equal(again.train_y, data.train_y)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# How each data set is judged: its own declaration (EvalSpec), read by the evaluator, previews and report
+
+_DATA_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "conf" / "data").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("config", _DATA_CONFIGS, ids=lambda p: p.stem)
+def test_every_data_config_declares_its_evaluation(config: Path) -> None:
+    import json
+
+    import yaml
+    from hydra.utils import get_class
+
+    from ganlab.data import EvalSpec, describe
+    from ganlab.data.base import PREVIEWS
+    from ganlab.metrics.protocol import DIGITS_EXTRACTOR, INCEPTION_EXTRACTOR
+
+    cls = get_class(yaml.safe_load(config.read_text())["_target_"])
+    spec = cls.evaluation
+    assert isinstance(spec, EvalSpec) and spec.preview in PREVIEWS
+    assert spec.features in (None, DIGITS_EXTRACTOR, INCEPTION_EXTRACTOR)
+    assert spec.modes is None or callable(getattr(spec.modes, "prepare", None))
+    assert spec.preview == "grid" or cls.kind == "points"  # scatter and density plots draw points
+    record = describe(cls.__new__(cls))  # class attributes only: no files are read
+    assert record["name"] == cls.name and record["preview"] == spec.preview
+    assert json.loads(json.dumps(record)) == record  # goes into summary.json as is
+
+
+def test_declarations_of_the_paper_protocols() -> None:
+    from ganlab.data import Gauss1D, describe
+    from ganlab.metrics.modes import MixtureModes
+    from ganlab.metrics.stacked import StackedModes
+
+    assert describe(Ring8()) == {
+        "name": "ring8",
+        "preview": "scatter",
+        "features": None,
+        "modes": "MixtureModes(radius_stds=3.0)",
+        "eval_samples": 2500,
+    }
+    assert Grid25.evaluation == Ring8.evaluation  # PacGAN Table 1 for both mixtures
+    assert Gauss1D.evaluation.preview == "density" and Gauss1D.evaluation.modes is None
+    assert StackedDigits.evaluation.modes == StackedModes(from_labels=False)  # the shipped digits CNN
+    assert StackedMNIST.evaluation.modes == StackedModes(from_labels=True)  # trained from the labels
+    assert StackedDigits.evaluation.samples == StackedMNIST.evaluation.samples == 26_000  # PacGAN Table 2
+    assert Digits.evaluation.features == "digits-cnn" and MNIST.evaluation.features == "inception-v3-compat"
+    assert isinstance(Ring8.evaluation.modes, MixtureModes)

@@ -47,8 +47,8 @@ def test_one_sided_label_smoothing_changes_only_the_real_side() -> None:
 
 
 def test_minimax_and_non_saturating_equal_their_formulas() -> None:
-    mm, _ = Minimax()(torch.tensor(FAKE), g_step=0)
-    ns, _ = NonSaturating()(torch.tensor(FAKE), g_step=0)
+    mm, _ = Minimax().generator(torch.tensor(FAKE), g_step=0)
+    ns, _ = NonSaturating().generator(torch.tensor(FAKE), g_step=0)
     assert mm.item() == pytest.approx(sum(math.log(1 - sigmoid(f)) for f in FAKE) / 2, rel=1e-6)
     assert ns.item() == pytest.approx(sum(-math.log(sigmoid(f)) for f in FAKE) / 2, rel=1e-6)
 
@@ -57,20 +57,20 @@ def test_minimax_saturates_where_non_saturating_does_not() -> None:
     # D confidently rejects the fake: D(G(z)) = sigmoid(-10) ~ 4.5e-5
     for objective, lo, hi in ((Minimax(), 0.0, 1e-4), (NonSaturating(), 0.99, 1.0)):
         logit = torch.tensor([-10.0], requires_grad=True)
-        loss, _ = objective(logit, g_step=0)
+        loss, _ = objective.generator(logit, g_step=0)
         loss.backward()
         assert lo <= abs(logit.grad.item()) <= hi
     # d/dl log(1 - sigmoid(l)) = -sigmoid(l); d/dl -log sigmoid(l) = -(1 - sigmoid(l))
     logit = torch.tensor([-10.0], requires_grad=True)
-    Minimax()(logit, g_step=0)[0].backward()
+    Minimax().generator(logit, g_step=0)[0].backward()
     assert logit.grad.item() == pytest.approx(-sigmoid(-10.0), rel=1e-5)
 
 
 def test_losses_stay_finite_at_extreme_logits() -> None:
     big = torch.tensor([-500.0, 500.0], requires_grad=True)
     for value in (
-        Minimax()(big, g_step=0)[0],
-        NonSaturating()(big, g_step=0)[0],
+        Minimax().generator(big, g_step=0)[0],
+        NonSaturating().generator(big, g_step=0)[0],
         discriminator_loss(big, big)[0],
     ):
         assert torch.isfinite(value)
@@ -81,8 +81,8 @@ def test_losses_stay_finite_at_extreme_logits() -> None:
 def test_ns_then_minimax_switches_at_the_configured_step() -> None:
     obj = NSThenMinimax(switch_step=10)
     logits = torch.tensor(FAKE)
-    assert obj(logits, g_step=9)[0].item() == NonSaturating()(logits, g_step=9)[0].item()
-    assert obj(logits, g_step=10)[0].item() == Minimax()(logits, g_step=10)[0].item()
+    assert obj.generator(logits, g_step=9)[0].item() == NonSaturating().generator(logits, g_step=9)[0].item()
+    assert obj.generator(logits, g_step=10)[0].item() == Minimax().generator(logits, g_step=10)[0].item()
     with pytest.raises(ValueError):
         NSThenMinimax(switch_step=-1)
 
@@ -95,7 +95,7 @@ def test_feature_matching_is_the_squared_distance_of_batch_means() -> None:
         (real[:, c, i, j].mean() - fake[:, c, i, j].mean()) ** 2 for c in range(3) for i in range(4) for j in range(4)
     )
     assert feature_matching_loss([real], [fake]).item() == pytest.approx(expected.item(), rel=1e-5)
-    loss, logs = FeatureMatching(layers=[-1])(torch.zeros(8), real_feats=[real], fake_feats=[fake], g_step=0)
+    loss, logs = FeatureMatching(layers=[-1]).generator(torch.zeros(8), real_feats=[real], fake_feats=[fake], g_step=0)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     assert "loss/g_ns" in logs
 

@@ -15,13 +15,13 @@ import torch
 import torch_fidelity.feature_extractor_inceptionv3 as tf_inception
 
 from ganlab.data import Digits, Ring8, StackedDigits, load_digits_uint8
-from ganlab.data.base import InMemoryData
+from ganlab.data.base import EvalSpec, InMemoryData
 from ganlab.errors import UserError
 from ganlab.metrics import fidelity as fm
 from ganlab.metrics.classifier import DEFAULT_WEIGHTS, accuracy, load_digits_classifier, sha256_file
-from ganlab.metrics.evaluator import build_evaluator, channel_classifier_from_labels
+from ganlab.metrics.evaluator import build_evaluator
 from ganlab.metrics.modes import mode_coverage
-from ganlab.metrics.stacked import classify_channels, stacked_mode_stats
+from ganlab.metrics.stacked import channel_classifier_from_labels, classify_channels, stacked_mode_stats
 
 
 @pytest.fixture(scope="module")
@@ -134,19 +134,20 @@ def test_mode_coverage_on_hand_made_ring_points():
     centers, std = Ring8.centers, Ring8.std
     counts = [1, 2, 3, 4, 10]  # samples exactly on 5 of the 8 centres
     pts = torch.cat([centers[i].repeat(c, 1) for i, c in enumerate(counts)])
-    out = mode_coverage(pts, centers, std)
+    out = mode_coverage(pts, centers, std)  # 20 samples: every name says so
     p = np.array(counts) / sum(counts)
-    assert out["modes"] == 5 and out["hq_fraction"] == 1.0
-    assert out["reverse_kl"] == pytest.approx(float((p * np.log(8 * p)).sum()), rel=1e-12)
+    assert set(out) == {"modes20", "hq_fraction20", "reverse_kl20"}
+    assert out["modes20"] == 5 and out["hq_fraction20"] == 1.0
+    assert out["reverse_kl20"] == pytest.approx(float((p * np.log(8 * p)).sum()), rel=1e-12)
     # Low-quality samples count in hq_fraction only; 3 std is the boundary.
     off = torch.stack([centers[5] + torch.tensor([2.9 * std, 0.0]), centers[6] + torch.tensor([0.0, 3.1 * std])])
     out2 = mode_coverage(torch.cat([pts, off]), centers, std)
-    assert out2["modes"] == 6 and out2["hq_fraction"] == pytest.approx(21 / 22)
+    assert out2["modes22"] == 6 and out2["hq_fraction22"] == pytest.approx(21 / 22)
     far = torch.tensor([[0.0, 0.0], [3.0, 3.0], [-0.5, 0.2]])
     out3 = mode_coverage(far, centers, std)
-    assert out3 == {"modes": 0.0, "hq_fraction": 0.0, "reverse_kl": math.log(8)}
+    assert out3 == {"modes3": 0.0, "hq_fraction3": 0.0, "reverse_kl3": math.log(8)}
     uniform = mode_coverage(centers.repeat(3, 1), centers, std)
-    assert uniform["modes"] == 8 and uniform["reverse_kl"] == pytest.approx(0.0, abs=1e-12)
+    assert uniform["modes24"] == 8 and uniform["reverse_kl24"] == pytest.approx(0.0, abs=1e-12)
 
 
 def test_evaluator_on_ring8_and_on_points_without_modes():
@@ -154,9 +155,12 @@ def test_evaluator_on_ring8_and_on_points_without_modes():
     ev = build_evaluator(data, n_samples=2500, device="cpu", inception_weights=None)
     data.setup()
     out = ev(data.test_x)
-    assert out["modes"] == 8 and out["hq_fraction"] > 0.99 and out["reverse_kl"] < 0.01
+    assert set(out) == {"modes2500", "hq_fraction2500", "reverse_kl2500"}  # PacGAN's 2,500-sample protocol
+    assert out["modes2500"] == 8 and out["hq_fraction2500"] > 0.99 and out["reverse_kl2500"] < 0.01
     collapsed = ev(Ring8.centers[:1].repeat(2500, 1))
-    assert collapsed["modes"] == 1 and collapsed["reverse_kl"] == pytest.approx(math.log(8))
+    assert collapsed["modes2500"] == 1 and collapsed["reverse_kl2500"] == pytest.approx(math.log(8))
+    # the protocol's sample count is the data set's own when none is given
+    assert build_evaluator(data, device="cpu").n_samples == 2500
 
     class Line(InMemoryData):
         name, kind = "line", "points"
@@ -176,8 +180,10 @@ def test_stacked_mode_stats_real_triples_and_collapse(digits):
     triples = classify_channels(images, load_digits_classifier())
     assert (triples == test_y[idx]).float().mean() > 0.97
     out = stacked_mode_stats(triples)
-    assert out["modes"] >= 990 and out["kl"] < 0.1
-    assert stacked_mode_stats(triples[:1].repeat(500, 1)) == {"modes": 1.0, "kl": pytest.approx(math.log(1000))}
+    assert set(out) == {"stacked_modes20k", "stacked_kl20k"}
+    assert out["stacked_modes20k"] >= 990 and out["stacked_kl20k"] < 0.1
+    collapsed = stacked_mode_stats(triples[:1].repeat(500, 1))
+    assert collapsed == {"stacked_modes500": 1.0, "stacked_kl500": pytest.approx(math.log(1000))}
     # Mode indices work too and agree with triples.
     assert stacked_mode_stats(triples[:, 0] * 100 + triples[:, 1] * 10 + triples[:, 2]) == out
 
@@ -188,11 +194,12 @@ def test_stacked_digits_evaluator_end_to_end():
     data.setup()
     real = ev(data.test_x)  # the first 500 are used
     collapsed = ev(data.test_x[:1].repeat(500, 1, 1, 1))
-    assert real["modes"] > 330 and collapsed["modes"] == 1  # 500 draws of 1000 modes: 1000 (1 - e^-0.5) = 393
+    # 500 draws of 1000 modes: 1000 (1 - e^-0.5) = 393
+    assert real["stacked_modes500"] > 330 and collapsed["stacked_modes500"] == 1
     assert real["fid500"] < 0.05 * collapsed["fid500"]
     # IS over the 1,000 triples; each of the 10 splits holds 50 samples, so IS cannot exceed about 50 here.
     assert 30 < real["is500"] <= 50 and collapsed["is500"] < 1.5
-    assert {"kid500", "precision500", "recall500", "kl"} <= set(real)
+    assert {"kid500", "precision500", "recall500", "stacked_kl500"} <= set(real)
 
 
 def test_stacked_labels_train_a_channel_classifier(tmp_path):
@@ -247,11 +254,14 @@ def test_protocol_names():
     assert fm.protocol_name("fid", 50_000) == "fid50k"
     assert fm.protocol_name("is", 500) == "is500"
     assert fm.protocol_name("kid", 2500) == "kid2500"
+    assert fm.protocol_name("modes", 2500) == "modes2500"  # exact integers unless a whole number of thousands
+    assert fm.protocol_name("stacked_kl", 26_000) == "stacked_kl26k"
 
 
 # -- Inception offline -----------------------------------------------------------------------------------------
 class _Tiny(InMemoryData):
-    name, kind = "cifar10", "image"
+    name, kind = "tiny_rgb", "image"
+    evaluation = EvalSpec(features=fm.INCEPTION_EXTRACTOR)
 
     def load(self):
         return _noise(20, c=3), None, _noise(20, seed=1, c=3), None

@@ -68,13 +68,15 @@ def test_exactly_k_d_updates_per_g_update_each_on_a_fresh_batch(loss: str) -> No
         return real_batch(idx)
 
     module.real_batch = recording
+    noise: list[torch.Tensor] = []
+    module.G.register_forward_pre_hook(lambda net, args: noise.append(args[0].detach().clone()))
     spy = Spy()
     trainer = _trainer(5, 3, [spy])
     trainer.fit(module)
 
     players = [e[0] for e in spy.events]
     assert players == ["D", "D", "D", "G"] * 5
-    assert module.g_step == 5 and module.d_step == 15 and trainer.global_step == 20
+    assert module.g_step == 5 and module.d_updates == 15 and trainer.global_step == 20
     for name, g_same, d_same in spy.events:
         if name == "D":
             assert g_same and not d_same  # a D update leaves G bit-identical
@@ -85,6 +87,9 @@ def test_exactly_k_d_updates_per_g_update_each_on_a_fresh_batch(loss: str) -> No
     assert len(seen) == 5 * per_step
     distinct = {tuple(s.tolist()) for s in seen}
     assert len(distinct) == len(seen)  # every real batch is a fresh draw
+    # every update (3 D, 1 G per step) draws its own noise: G never reuses a D step's z, D steps never share one
+    assert len(noise) == 5 * 4
+    assert len({tuple(z.flatten().tolist()) for z in noise}) == len(noise)
 
 
 def test_resumed_run_continues_exactly_where_it_stopped(tmp_path: Path) -> None:

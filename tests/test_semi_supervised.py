@@ -14,9 +14,10 @@ from torch import Tensor, nn
 
 from conftest import compose_cfg, run_cli
 from ganlab.errors import UserError
+from ganlab.losses import semi_supervised_d_loss
 from ganlab.nets import DCGANDiscriminator, MLPDiscriminator
 from ganlab.pipeline import build
-from ganlab.semi_supervised import SemiSupervisedGAN, semi_supervised_d_loss
+from ganlab.tasks import SemiSupervisedGAN
 
 SMALL = [
     "task=semi_supervised",
@@ -25,7 +26,7 @@ SMALL = [
     "model.z_dim=16",
     "model.generator.width=64",
     "model.generator.depth=2",
-    "model.generator.batch_norm=true",
+    "model.generator.norm=batch",
     "model.discriminator.width=64",
     "model.discriminator.depth=2",
     "logger=csv",
@@ -110,7 +111,7 @@ def test_the_modules_d_update_is_that_loss_on_labelled_real_and_fake_batches() -
     fake = torch.tensor([[-1.0, -2.0, -0.5], [2.0, 0.0, 1.0], [0.0, 0.0, 0.0], [5.0, -5.0, 0.0]])
     module.D = _HandSetD([lab, real, fake])
     # the labels the module will draw: replay its per-step stream
-    module._gen = torch.Generator().manual_seed(123)
+    module._rng = torch.Generator().manual_seed(123)
     pick = torch.randint(len(module.labelled_idx), (4,), generator=torch.Generator().manual_seed(123))
     y = module.labelled_y[pick] % 3  # the stand-in D has 3 classes
     module.labelled_y = module.labelled_y % 3
@@ -122,7 +123,7 @@ def test_the_modules_d_update_is_that_loss_on_labelled_real_and_fake_batches() -
 
 def test_with_all_labels_the_classifier_beats_chance_by_far() -> None:
     # 139 labels per class is every example of the smallest class (~97 % of the train split)
-    cfg = compose_cfg([*SMALL, "task.labels_per_class=139", "max_steps=200", "log_every=100", "task.eval_every=100"])
+    cfg = compose_cfg([*SMALL, "task.labels_per_class=139", "max_steps=200", "log_every=100"])
     pl.seed_everything(0, verbose=False)
     module = build(cfg)
     before, _ = module.classification_error()
@@ -139,8 +140,9 @@ def test_with_all_labels_the_classifier_beats_chance_by_far() -> None:
     assert module.g_step == 200
     assert before > 60.0  # an untrained classifier is at chance (90 %)
     assert error < 25.0, f"test error {error:.1f} % after 200 generator steps"  # measured 6.9-8.9 % (seeds 0-2)
-    assert module.last_logged["ssl/test_error"] == pytest.approx(error)
-    assert module.last_logged["ssl/test_errors"] == count == round(error * 360 / 100)
+    metrics = module.task_metrics()  # what the evaluation callback logs
+    assert metrics["ssl/test_error"] == pytest.approx(error)
+    assert metrics["ssl/test_errors"] == count == round(error * 360 / 100)
 
 
 def test_cli_run_writes_the_test_error_into_the_summary(tmp_path: Path) -> None:

@@ -10,9 +10,15 @@ from torch import nn
 
 from conftest import CONF, TINY, compose_cfg, run_cli
 from ganlab.losses import FeatureMatching
-from ganlab.nets import DCGANDiscriminator, DCGANGenerator, MLPGenerator
+from ganlab.nets import DCGANDiscriminator, DCGANGenerator, MLPGenerator, Prior
 from ganlab.pipeline import build, train
-from ganlab.tricks import HistoricalAveraging, LabelSmoothing
+from ganlab.tricks import (
+    HistoricalAveraging,
+    LabelSmoothing,
+    LayerInsert,
+    MinibatchDiscrimination,
+    VirtualBatchNormG,
+)
 
 TRICKS = sorted(p.stem for p in (CONF / "tricks").glob("*.yaml"))
 ARMS = sorted(p.stem for p in (CONF / "loss").glob("*.yaml"))
@@ -61,11 +67,12 @@ def test_historical_average_survives_a_checkpoint_round_trip(tmp_path: Path) -> 
 @pytest.mark.parametrize("net", ["dcgan", "mlp"])
 def test_virtual_batch_norm_output_does_not_depend_on_the_rest_of_the_batch(net: str) -> None:
     torch.manual_seed(0)
+    trick = VirtualBatchNormG(ref_batch_size=16)
     if net == "dcgan":
-        g = DCGANGenerator((1, 8, 8), z_dim=8, width=8, virtual_batch_norm={"ref_batch_size": 16})
+        bare = DCGANGenerator((1, 8, 8), z_dim=8, width=8, **trick.network_args("G"))
     else:
-        g = MLPGenerator((2,), z_dim=4, width=16, virtual_batch_norm={"ref_batch_size": 16})
-    g.train()
+        bare = MLPGenerator((2,), z_dim=4, width=16, **trick.network_args("G"))
+    g = trick.wrap_generator(bare, Prior("normal")).train()
     z = torch.randn(6, g.z_dim)
     alone = g(z[:1])
     with_others = g(z)
@@ -73,7 +80,7 @@ def test_virtual_batch_norm_output_does_not_depend_on_the_rest_of_the_batch(net:
     torch.testing.assert_close(alone[0], with_others[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(with_others[0], with_others_shuffled[3], atol=1e-5, rtol=1e-5)
     # batch norm, by contrast, mixes examples
-    bn = MLPGenerator((2,), z_dim=4, width=16, batch_norm=True).train()
+    bn = MLPGenerator((2,), z_dim=4, width=16, norm="batch").train()
     zb = torch.randn(6, 4)
     assert not torch.allclose(bn(zb[:2])[0], bn(zb)[0], atol=1e-4)
     assert "z_ref" in dict(g.named_buffers())  # fixed at the start and saved with the weights
@@ -94,11 +101,12 @@ def test_minibatch_discrimination_after_two_layers_builds_and_trains(tmp_path: P
         ]
     )
     module = build(cfg)
-    assert sorted(module.D.mbd.keys()) == ["0", "1"]
-    before = module.D.mbd["0"].T.detach().clone()
+    assert sorted(module.D.inserted.keys()) == ["0", "1"]
+    before = module.D.inserted["0"][0].T.detach().clone()
     summary = train(cfg, tmp_path / "run")
     assert summary["status"] == "completed"
-    d = DCGANDiscriminator((1, 8, 8), width=8, minibatch={"layers": [0, 1], "n_kernels": 6, "kernel_dim": 3})
+    mbd = LayerInsert([0, 1], lambda a: MinibatchDiscrimination(a, n_kernels=6, kernel_dim=3))
+    d = DCGANDiscriminator((1, 8, 8), width=8, inserts=[mbd])
     assert d.blocks[1][0].in_channels == 8 + 6  # block 1 sees block 0's channels plus B similarity channels
     assert before.shape == (64 * 64, 6 * 5)
 
@@ -109,9 +117,9 @@ def test_feature_matching_over_two_layers_is_the_sum_of_the_single_layer_losses(
     real, fake = torch.randn(10, 1, 8, 8), torch.randn(12, 1, 8, 8)
     _, rf = d(real)
     _, ff = d(fake)
-    both = FeatureMatching([0, 1])(torch.zeros(12), real_feats=rf, fake_feats=ff)[0]
-    first = FeatureMatching([0])(torch.zeros(12), real_feats=rf[:1], fake_feats=ff[:1])[0]
-    second = FeatureMatching([1])(torch.zeros(12), real_feats=rf[1:], fake_feats=ff[1:])[0]
+    both = FeatureMatching([0, 1]).generator(torch.zeros(12), real_feats=rf, fake_feats=ff)[0]
+    first = FeatureMatching([0]).generator(torch.zeros(12), real_feats=rf[:1], fake_feats=ff[:1])[0]
+    second = FeatureMatching([1]).generator(torch.zeros(12), real_feats=rf[1:], fake_feats=ff[1:])[0]
     assert both.item() == pytest.approx(first.item() + second.item(), rel=1e-6)
     module = build(compose_cfg([*TINY, "loss=feature_matching", "loss.layers=[0,-1]"]))
     assert module.objective.feature_layers == [0, -1]

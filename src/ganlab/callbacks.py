@@ -1,4 +1,6 @@
-"""Callbacks that act every N *generator* steps: sample grids, checkpoints, a quiet progress report."""
+"""Callbacks that act every N *generator* steps: sample grids, checkpoints, a quiet progress report.
+
+Evaluation is :class:`ganlab.metrics.callback.Evaluation` (the ``metrics`` config group)."""
 
 from __future__ import annotations
 
@@ -12,19 +14,22 @@ import torch
 from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from ganlab.module import GANModule
+from ganlab.tasks.gan import GANModule
+from ganlab.util import eval_mode, is_due
 
 
 def _due(module: GANModule, every: int) -> bool:
-    """True right after a generator step that completes an interval, and after the last step."""
-    return module.g_step % every == 0 or module.g_step == module.max_steps
+    """Whether the generator step just completed is due for an action taken every ``every`` steps."""
+    return is_due(module.g_step, every, module.max_steps)
 
 
 def save_preview(module: GANModule, samples: torch.Tensor, path: Path) -> None:
-    """Write a sample grid (images), a scatter plot over the real data (2-D points) or Goodfellow et al.'s
-    Figure 1 (1-D: p_data, p_g and D(x)) to ``path``."""
+    """Write the preview the data set declares (``data.evaluation.preview``) to ``path``: an image grid
+    (``grid``), a scatter plot over the real data (``scatter``, 2-D points) or Goodfellow et al.'s Figure 1
+    (``density``, 1-D: p_data, p_g and D(x))."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    if module.data.kind == "image":
+    preview = module.data.evaluation.preview
+    if preview == "grid":
         _save_image_grid(module, samples, path)
         return
     import matplotlib
@@ -32,8 +37,8 @@ def save_preview(module: GANModule, samples: torch.Tensor, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(4.5, 4) if samples.shape[1] >= 2 else (6, 3.5), dpi=100)
-    if samples.shape[1] >= 2:
+    fig, ax = plt.subplots(figsize=(4.5, 4) if preview == "scatter" else (6, 3.5), dpi=100)
+    if preview == "scatter":
         _scatter(module, samples, ax)
     else:
         _figure1(module, samples, ax)
@@ -75,10 +80,8 @@ def _figure1(module: GANModule, samples: torch.Tensor, ax: Any) -> None:
     lo, hi = min(lo, float(fake.quantile(0.01))), max(hi, float(fake.quantile(0.99)))
     grid = torch.linspace(lo, hi, 400)
     pdf = torch.exp(-0.5 * ((grid - data.mean) / data.std) ** 2) / (data.std * (2 * torch.pi) ** 0.5)
-    was_training = module.D.training
-    module.D.eval()
-    logits, _ = module.D(grid[:, None].to(module.device))
-    module.D.train(was_training)
+    with eval_mode(module.D):
+        logits, _ = module.D(grid[:, None].to(module.device))
     d_of_x = torch.sigmoid(logits).cpu()
     ax.plot(grid, pdf, "k:", lw=2, label="p_data")
     ax.hist(fake.numpy(), bins=80, range=(lo, hi), density=True, color="tab:green", alpha=0.5, label="p_g")
@@ -180,7 +183,7 @@ class StepProgress(pl.Callback):
             return
         if self.bar is not None:
             self.bar.update(1)
-            if module.g_step % module.log_every == 0:
+            if _due(module, module.log_every):
                 self.bar.set_postfix(self._fields(module), refresh=False)
         elif _due(module, self.print_every):
             rate = (module.g_step - self.step0) / max(time.perf_counter() - self.t0, 1e-9)
@@ -195,72 +198,3 @@ class StepProgress(pl.Callback):
     def on_train_end(self, trainer: pl.Trainer, module: GANModule) -> None:
         if self.bar is not None:
             self.bar.close()
-
-
-class Evaluation(pl.Callback):
-    """Every ``every`` generator steps and after the last one: ``n_samples`` samples from a fixed seed, the data
-    set's metrics (:func:`ganlab.metrics.build_evaluator`), and D's view of the equilibrium on held-out data.
-
-    Logged to every logger at the generator step and kept in ``module.last_logged`` (so the final values land in
-    ``summary.json``). ``eval/seconds`` (logged) is the cumulative evaluation time; ``summary.json`` keeps it as
-    ``eval_time_s`` so its share of a run stays visible.
-    """
-
-    def __init__(
-        self,
-        every: int,
-        n_samples: int | None,
-        seed: int,
-        kid_subset_size: int,
-        inception_weights: str | None,
-        cache_dir: str | None,
-    ) -> None:
-        self.every, self.n_samples, self.seed = every, n_samples, seed
-        self.kid_subset_size, self.inception_weights, self.cache_dir = kid_subset_size, inception_weights, cache_dir
-        self.evaluator = None
-        self.seconds = 0.0
-
-    def on_fit_start(self, trainer: pl.Trainer, module: GANModule) -> None:
-        from ganlab.metrics import build_evaluator
-
-        self.n = self.n_samples or module.data.eval_samples
-        self.evaluator = build_evaluator(
-            module.data,
-            n_samples=self.n,
-            device=module.device,
-            inception_weights=self.inception_weights,
-            kid_subset_size=self.kid_subset_size,
-            cache_dir=self.cache_dir,
-        )
-
-    def on_train_batch_end(self, trainer: pl.Trainer, module: GANModule, *args: Any) -> None:
-        if _due(module, self.every):
-            self.evaluate(trainer, module)
-
-    @torch.no_grad()
-    def equilibrium(self, module: GANModule, fake: torch.Tensor) -> dict[str, float]:
-        """Mean D(x) on held-out real data, mean D(G(z)), and D's accuracy telling them apart (½ = fooled)."""
-        real = module.data.to_model(module.data.test_x[: len(fake)].to(module.device))
-        fake = fake[: len(real)]
-        was_training = module.D.training
-        module.D.eval()
-        try:
-            p_real = torch.sigmoid(module.gan_logit(module.D(real)[0]))
-            p_fake = torch.sigmoid(module.gan_logit(module.D(fake)[0]))
-        finally:
-            module.D.train(was_training)
-        acc = torch.cat([(p_real > 0.5).float(), (p_fake < 0.5).float()]).mean()
-        values = torch.stack([p_real.mean(), p_fake.mean(), acc]).tolist()
-        return dict(zip(("eval/D(x_test)", "eval/D(G(z))", "eval/d_accuracy"), values, strict=True))
-
-    def evaluate(self, trainer: pl.Trainer, module: GANModule) -> dict[str, float]:
-        t0 = time.perf_counter()
-        fake = module.sample(self.n, seed=self.seed)
-        stored = module.data.to_uint8(fake) if module.data.kind == "image" else fake
-        metrics = self.evaluator(stored)
-        metrics.update(self.equilibrium(module, fake))
-        self.seconds += time.perf_counter() - t0
-        module.last_logged.update(metrics)  # the final values go into summary.json; timing is not a result
-        for logger in trainer.loggers:
-            logger.log_metrics({**metrics, "eval/seconds": self.seconds}, step=module.g_step)
-        return metrics

@@ -3,8 +3,9 @@
 D outputs a logit ``l`` with D(x) = sigmoid(l). Every loss is written with ``softplus`` so it stays finite for
 any logit: ``-log sigmoid(l) = softplus(-l)`` and ``-log(1 - sigmoid(l)) = softplus(l)``.
 
-Each generator objective is a small callable class (so Hydra's ``_target_`` is the registry) returning
-``(loss, logs)``: a scalar to minimise and a dict of detached tensors worth logging.
+Each arm is a small :class:`Objective` class (Hydra's ``_target_`` is the registry) with a ``discriminator`` and a
+``generator`` method, each returning ``(loss, logs)``: a scalar to minimise and a dict of detached tensors worth
+logging. The training module only calls them.
 """
 
 from __future__ import annotations
@@ -59,17 +60,24 @@ def feature_matching_loss(real_feats: Sequence[Tensor], fake_feats: Sequence[Ten
     return total
 
 
-class GeneratorObjective:
-    """Base of the ``loss`` config group: what G minimises, given D's view of a fake batch.
+class Objective:
+    """Base of the ``loss`` config group: D's and G's objectives, given D's view of a real and a fake batch.
 
-    ``feature_layers`` lists the D feature indices the objective needs (``None``: logits only); the module then
-    also runs the current real batch through D without gradients and passes both feature lists.
+    :meth:`discriminator` defaults to Goodfellow's D loss (:func:`discriminator_loss`); an arm that changes both
+    players (hinge, least squares, Wasserstein) overrides it, and no training code changes. :meth:`generator` is
+    what defines an arm. ``feature_layers`` lists the D feature indices G's objective needs (``None``: logits
+    only); the training module then also runs the step's real batch through D and passes both feature lists.
     """
 
-    name: str = "base"
     feature_layers: list[int] | None = None
 
-    def __call__(
+    def discriminator(
+        self, real_logits: Tensor, fake_logits: Tensor, *, real_target: float = 1.0
+    ) -> tuple[Tensor, Logs]:
+        """D's loss (to minimise) and its logs; ``real_target`` < 1 is one-sided label smoothing."""
+        return discriminator_loss(real_logits, fake_logits, real_target)
+
+    def generator(
         self,
         fake_logits: Tensor,
         *,
@@ -77,44 +85,39 @@ class GeneratorObjective:
         fake_feats: Sequence[Tensor] | None = None,
         real_feats: Sequence[Tensor] | None = None,
     ) -> tuple[Tensor, Logs]:
+        """G's loss (to minimise) and its logs (``loss/g`` at least)."""
         raise NotImplementedError
 
 
-class Minimax(GeneratorObjective):
+class Minimax(Objective):
     """``loss=minimax``: the true saturating loss, minimise log(1 - D(G(z)))."""
 
-    name = "minimax"
-
-    def __call__(self, fake_logits: Tensor, **_: object) -> tuple[Tensor, Logs]:
+    def generator(self, fake_logits: Tensor, **_: object) -> tuple[Tensor, Logs]:
         loss = minimax_generator_loss(fake_logits)
         return loss, {"loss/g": loss.detach()}
 
 
-class NonSaturating(GeneratorObjective):
+class NonSaturating(Objective):
     """``loss=non_saturating``: maximise log D(G(z)) (Goodfellow et al. 2014 §3)."""
 
-    name = "non_saturating"
-
-    def __call__(self, fake_logits: Tensor, **_: object) -> tuple[Tensor, Logs]:
+    def generator(self, fake_logits: Tensor, **_: object) -> tuple[Tensor, Logs]:
         loss = non_saturating_generator_loss(fake_logits)
         return loss, {"loss/g": loss.detach()}
 
 
-class NSThenMinimax(GeneratorObjective):
+class NSThenMinimax(Objective):
     """The original algorithm's schedule: non-saturating while training is early, minimax from ``switch_step``.
 
     ``switch_step`` counts generator updates. The switch is a Python branch on the host-side step counter, so it
     costs no device sync.
     """
 
-    name = "ns_then_minimax"
-
     def __init__(self, switch_step: int = 1000) -> None:
         if switch_step < 0:
             raise ValueError(f"loss.switch_step must be >= 0 (got {switch_step})")
         self.switch_step = switch_step
 
-    def __call__(self, fake_logits: Tensor, *, g_step: int, **_: object) -> tuple[Tensor, Logs]:
+    def generator(self, fake_logits: Tensor, *, g_step: int, **_: object) -> tuple[Tensor, Logs]:
         if g_step < self.switch_step:
             loss = non_saturating_generator_loss(fake_logits)
         else:
@@ -122,21 +125,19 @@ class NSThenMinimax(GeneratorObjective):
         return loss, {"loss/g": loss.detach()}
 
 
-class FeatureMatching(GeneratorObjective):
+class FeatureMatching(Objective):
     """``loss=feature_matching``: match the batch means of D's features on the listed layers.
 
     ``layers`` index D's list of hidden features (``-1``: the last hidden layer, Salimans' choice); several
     layers give the seed's sum over i.
     """
 
-    name = "feature_matching"
-
     def __init__(self, layers: Sequence[int] = (-1,)) -> None:
         if len(layers) == 0:
             raise ValueError("loss.layers must name at least one D layer")
         self.feature_layers = [int(i) for i in layers]
 
-    def __call__(
+    def generator(
         self,
         fake_logits: Tensor,
         *,
@@ -150,3 +151,42 @@ class FeatureMatching(GeneratorObjective):
             # the non-saturating value is logged for comparison with the other arms; it is not optimised
             ns = non_saturating_generator_loss(fake_logits)
         return loss, {"loss/g": loss.detach(), "loss/g_ns": ns}
+
+
+# -- the semi-supervised GAN (Salimans et al. 2016 §5) ---------------------------------------------------------
+
+
+def real_fake_logit(class_logits: Tensor) -> Tensor:
+    """The real/fake logit of a K-class discriminator with an implicit fake class of logit 0: ``logsumexp(l)``.
+
+    ``D(x) = Z / (Z + 1) = sigmoid(log Z)`` with ``Z = sum_k exp(l_k)`` (Salimans et al. 2016 §5).
+    """
+    return torch.logsumexp(class_logits, dim=1)
+
+
+def semi_supervised_d_loss(
+    labelled_logits: Tensor,
+    labels: Tensor,
+    real_logits: Tensor,
+    fake_logits: Tensor,
+    *,
+    objective: Objective | None = None,
+    supervised_weight: float = 1.0,
+    unsupervised_weight: float = 1.0,
+    real_target: float = 1.0,
+) -> tuple[Tensor, Logs]:
+    """D's loss ``supervised_weight * L_supervised + unsupervised_weight * L_unsupervised`` (Salimans et al. §5).
+
+    ``L_supervised``: cross-entropy of the K class logits of a labelled batch (``-log p(y | x, y < K+1)``).
+    ``L_unsupervised``: the arm's D objective (Goodfellow's by default: ``E softplus(-lse(x)) + E softplus(lse(G(z)))``)
+    on the real/fake logit ``lse = logsumexp(l)`` of an unlabelled real batch and a generated batch.
+    ``unsupervised_weight = 0`` trains D as a classifier of the labelled examples alone: the baseline the unlabelled
+    data must beat. (The authors' code weights ``L_unsupervised`` by 0.5.)
+    """
+    objective = objective or Objective()
+    sup = F.cross_entropy(labelled_logits, labels)
+    unsup, logs = objective.discriminator(
+        real_fake_logit(real_logits), real_fake_logit(fake_logits), real_target=real_target
+    )
+    loss = supervised_weight * sup + unsupervised_weight * unsup
+    return loss, {**logs, "loss/d_sup": sup.detach(), "loss/d_unsup": unsup.detach()}

@@ -6,9 +6,7 @@ The run folder (Hydra's working directory for the job) receives ``config.yaml`` 
 
 from __future__ import annotations
 
-import json
 import logging
-import subprocess
 import time
 import warnings
 from collections.abc import Mapping
@@ -22,12 +20,13 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import WandbLogger
 
-from ganlab.callbacks import Evaluation, PeriodicCheckpoint, SampleGrid, StepProgress
+from ganlab.callbacks import PeriodicCheckpoint, SampleGrid, StepProgress
+from ganlab.data import describe
 from ganlab.errors import UserError
-from ganlab.module import GANModule, Trick
+from ganlab.record import RunRecord, resolve_resume
+from ganlab.tasks.gan import GANModule
 from ganlab.tracking import finish_wandb, make_loggers
-
-SRC_ROOT = Path(__file__).resolve().parents[2]
+from ganlab.tricks.base import Trick, network_args
 
 
 def validate(cfg: DictConfig) -> None:
@@ -41,13 +40,8 @@ def validate(cfg: DictConfig) -> None:
         positive_int(key, cfg[key])
     if cfg.batch_size is not None:
         positive_int("batch_size", cfg.batch_size)
-    if cfg.metrics.enabled:
-        positive_int("metrics.eval_every", cfg.metrics.eval_every)
-        if cfg.metrics.n_samples is not None:
-            positive_int("metrics.n_samples", cfg.metrics.n_samples)
-        weights = cfg.metrics.inception_weights
-        if weights is not None and not Path(str(weights)).expanduser().is_file():
-            raise UserError(f"metrics.inception_weights: no file at {weights}")
+    if cfg.metrics is not None:
+        metrics_callback(cfg)  # its constructor checks the metrics keys: fail before any data is loaded
     for player in ("optim_g", "optim_d"):
         opt = cfg.model[player]
         if not float(opt.lr) > 0:
@@ -55,49 +49,6 @@ def validate(cfg: DictConfig) -> None:
         betas = list(opt.betas)
         if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
             raise UserError(f"model.{player}.betas must be two numbers in [0, 1) (got {betas})")
-
-
-def git_commit() -> str | None:
-    """The project's commit (with ``-dirty`` when the tree has uncommitted changes), or None outside git."""
-    try:
-        sha = subprocess.run(
-            ["git", "-C", str(SRC_ROOT), "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(SRC_ROOT), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-        ).stdout.strip()
-        return sha + ("-dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
-    """``resume`` may be a run folder, a checkpoint file, or ``auto`` (this run folder's last.ckpt if any:
-    what a requeued cluster job wants)."""
-    if resume in (None, ""):
-        return None
-    if resume == "auto":
-        ckpt = run_dir / "checkpoints" / "last.ckpt"
-        return ckpt if ckpt.is_file() else None
-    path = Path(resume).expanduser()
-    if path.is_dir():
-        path = path / "checkpoints" / "last.ckpt"
-    if not path.is_file():
-        raise UserError(f"resume: no checkpoint at {path}")
-    return path
-
-
-def _write_json(path: Path, obj: Mapping[str, Any]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
-    tmp.replace(path)
 
 
 def build(cfg: DictConfig) -> GANModule:
@@ -121,11 +72,15 @@ def build(cfg: DictConfig) -> GANModule:
 def _build(cfg: DictConfig) -> GANModule:
     data = instantiate(cfg.data)
     data.setup()
-    generator = instantiate(cfg.model.generator, out_shape=data.shape)
-    discriminator = instantiate(cfg.model.discriminator, in_shape=data.shape)
+    tricks: list[Trick] = [instantiate(t) for t in cfg.tricks.values() if t is not None]
+    # structural tricks reach the networks only through generic arguments (a normalisation, inserted layers)
+    try:
+        g_args, d_args = network_args(tricks, "G"), network_args(tricks, "D")
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    generator = instantiate(cfg.model.generator, out_shape=data.shape, **g_args)
+    discriminator = instantiate(cfg.model.discriminator, in_shape=data.shape, **d_args)
     objective = instantiate(cfg.loss)
-    # tricks with a _target_ are hook objects; the others are settings read by the network builders
-    tricks: list[Trick] = [instantiate(t) for t in cfg.tricks.values() if t is not None and "_target_" in t]
     return instantiate(
         cfg.task,
         generator,
@@ -146,13 +101,22 @@ def _build(cfg: DictConfig) -> GANModule:
     )
 
 
+def metrics_callback(cfg: DictConfig) -> pl.Callback:
+    """The ``metrics`` node instantiated (``ganlab.metrics.callback.Evaluation``); a bad key is a UserError."""
+    try:
+        return instantiate(cfg.metrics)
+    except InstantiationException as exc:
+        if isinstance(exc.__cause__, (UserError, ValueError)):
+            raise UserError(str(exc.__cause__)) from None
+        raise
+
+
 def callbacks(cfg: DictConfig, run_dir: Path) -> list[pl.Callback]:
     """Sample grids, evaluation (before the checkpoint, so a checkpoint follows its evaluation), checkpoints,
-    progress."""
+    progress. ``metrics=none`` makes ``cfg.metrics`` null: no evaluation."""
     out: list[pl.Callback] = [SampleGrid(run_dir, cfg.sample_every)]
-    m = cfg.metrics
-    if m.enabled:
-        out.append(Evaluation(m.eval_every, m.n_samples, m.seed, m.kid_subset_size, m.inception_weights, m.cache_dir))
+    if cfg.metrics is not None:
+        out.append(metrics_callback(cfg))
     return [*out, PeriodicCheckpoint(run_dir, cfg.ckpt_every), StepProgress()]
 
 
@@ -166,52 +130,39 @@ def _quiet_lightning() -> None:
 
 
 def train(cfg: DictConfig, run_dir: Path, *, identity: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Train one run into ``run_dir`` and return its summary (also written to ``summary.json``).
-
-    ``summary.json`` is written with ``status: running`` first and ``completed`` or ``failed`` last, so a sweep
-    can tell a crashed job from a finished one without W&B.
-    """
+    """Train one run into ``run_dir`` and return its summary (also written to ``summary.json``, see
+    :class:`ganlab.record.RunRecord`)."""
     t0 = time.time()
     _quiet_lightning()
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    summary_path = run_dir / "summary.json"
-    previous = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-    summary: dict[str, Any] = {
-        "status": "running",
-        "seed": cfg.seed,
-        "git_commit": git_commit(),
-        **(identity or {}),
-        "run_dir": str(run_dir),
-    }
+    record = RunRecord(run_dir, seed=cfg.seed, **(identity or {}), run_dir=str(run_dir))
     loggers: list = []
     try:
         validate(cfg)
         ckpt = resolve_resume(cfg.resume, run_dir)
         if ckpt is not None:
-            summary["resumed_from"] = str(ckpt)
-            src_summary = ckpt.parent.parent / "summary.json"
-            if src_summary.is_file() and src_summary != summary_path:
-                previous = json.loads(src_summary.read_text())
-        _write_json(summary_path, summary)
+            record.update(resumed_from=str(ckpt))
+            record.adopt_previous(ckpt)
+        record.save()
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
         if cfg.model.get("threads"):
             torch.set_num_threads(int(cfg.model.threads))
         pl.seed_everything(cfg.seed, workers=False, verbose=False)
         module = build(cfg)
+        record.update(data=describe(module.data))  # how the data set is judged and previewed (the report reads it)
         run_config = OmegaConf.to_container(cfg, resolve=True)
         run_config["identity"] = dict(identity or {})
-        loggers = make_loggers(cfg.logger, run_dir, run_config, wandb_id=previous.get("wandb_id"))
+        loggers = make_loggers(cfg.logger, run_dir, run_config, wandb_id=record.previous.get("wandb_id"))
         for logger in loggers:
             if isinstance(logger, WandbLogger):
-                summary["wandb_id"] = logger.experiment.id
-                summary["wandb_dir"] = getattr(logger.experiment, "dir", None)
-        _write_json(summary_path, summary)
+                record.update(wandb_id=logger.experiment.id, wandb_dir=getattr(logger.experiment, "dir", None))
+        record.save()
         cbs = callbacks(cfg, run_dir)
         trainer = pl.Trainer(
             **OmegaConf.to_container(cfg.trainer, resolve=True),
             # under manual optimisation Lightning's global_step advances once per optimizer step
-            max_steps=cfg.max_steps * (cfg.d_steps + 1),
+            max_steps=cfg.max_steps * module.schedule.optimizer_steps,
             logger=loggers or False,
             callbacks=cbs,
             default_root_dir=str(run_dir),
@@ -225,20 +176,20 @@ def train(cfg: DictConfig, run_dir: Path, *, identity: Mapping[str, Any] | None 
         print(f"training {cfg.max_steps} generator steps on {device}, run folder: {run_dir}", flush=True)
         t_fit = time.time()
         trainer.fit(module, ckpt_path=str(ckpt) if ckpt else None)
-        summary.update(
+        record.update(
             status="completed",
             g_steps=module.g_step,
-            d_steps_done=module.d_step,
+            d_updates=module.d_updates,
             global_step=trainer.global_step,
             final={k: v for k, v in module.last_logged.items() if not k.startswith("step/")},
             train_time_s=round(time.time() - t_fit, 2),
-            eval_time_s=round(sum(cb.seconds for cb in cbs if isinstance(cb, Evaluation)), 2),
+            eval_time_s=round(sum(getattr(cb, "seconds", 0.0) for cb in cbs), 2),
         )
     except BaseException as exc:
-        summary.update(status="failed", error=f"{exc.__class__.__name__}: {exc}")
+        record.update(status="failed", error=f"{exc.__class__.__name__}: {exc}")
         raise
     finally:
-        summary["wall_time_s"] = round(time.time() - t0, 2)
-        _write_json(summary_path, summary)
-        finish_wandb(loggers, exit_code=0 if summary["status"] == "completed" else 1)
-    return summary
+        record.update(wall_time_s=round(time.time() - t0, 2))
+        record.save()
+        finish_wandb(loggers, exit_code=0 if record["status"] == "completed" else 1)
+    return record.data

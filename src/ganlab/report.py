@@ -9,7 +9,9 @@ mean ± the half-width of a 95 % Student-t confidence interval over seeds.
 Written into the given folder: ``report.md`` (tables, failed runs, plots), ``report.json`` (the same numbers),
 ``plots/<data>/<metric>.png`` (each metric against the generator step, mean line and min–max band over seeds),
 ``plots/<data>/curves.png`` (all metrics at a glance) and ``plots/<data>/samples.png`` (the final samples of each
-arm and seed). W&B is not needed: only the run folders are read.
+arm and seed; whether those are image grids, 2-D scatters or 1-D density plots is read from each run's record,
+``summary.json``'s ``data.preview``, never from the data set's name). W&B is not needed: only the run folders are
+read.
 """
 
 from __future__ import annotations
@@ -25,8 +27,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-# data sets whose sample previews are scatter plots / density figures rather than image grids
-POINT_DATA = frozenset({"ring8", "grid25", "gauss1d"})
+# what each preview kind (the data set's declaration, recorded in summary.json's ``data.preview``) shows
+PREVIEW_CAPTIONS = {
+    "grid": "final sample grids",
+    "scatter": "final samples, scattered over the real data",
+    "density": "final p_g against p_data, with D(x)",
+}
 # the order of the comparison in the design; any other arm follows alphabetically
 ARM_ORDER = ("minimax", "non_saturating", "ns_then_minimax", "feature_matching", "minibatch_discrimination")
 # override keys that never distinguish arms: the seed is what a row averages over, data makes the table, loss is
@@ -56,6 +62,7 @@ class Run:
     status: str
     error: str | None = None
     metrics: dict[str, float] = field(default_factory=dict)
+    preview: str | None = None  # the data set's preview kind from summary.json (None: not recorded)
     variant: tuple[str, ...] = ()  # overrides besides loss that set this run's arm apart (filled by group_runs)
 
     @property
@@ -117,7 +124,20 @@ def load_run(summary_path: Path) -> Run:
         status=str(summary.get("status", "unknown")),
         error=summary.get("error"),
         metrics=_final_metrics(summary),
+        preview=_recorded_preview(summary),
     )
+
+
+def _recorded_preview(summary: Mapping[str, Any]) -> str | None:
+    """``summary["data"]["preview"]`` (what ``ganlab.data.describe`` wrote), or None when absent or unknown."""
+    data = summary.get("data")
+    preview = data.get("preview") if isinstance(data, Mapping) else None
+    return preview if preview in PREVIEW_CAPTIONS else None
+
+
+def dataset_preview(runs: Iterable[Run]) -> str:
+    """The preview kind of a data set's runs: the first one recorded, ``"grid"`` when none was (older runs)."""
+    return next((r.preview for r in runs if r.preview is not None), "grid")
 
 
 def _run_without_summary(folder: Path) -> Run:
@@ -220,7 +240,7 @@ def mean_ci(values: Sequence[float]) -> dict[str, Any]:
 
 
 def _metric_order(names: Iterable[str]) -> list[str]:
-    """Headline evaluation metrics (``fid2k``, ``modes``, ...) first, then namespaced diagnostics
+    """Headline evaluation metrics (``fid2k``, ``modes2500``, ...) first, then namespaced diagnostics
     (``eval/...``), then the training scalars; alphabetically within each."""
     return sorted(set(names), key=lambda m: (2 if _TRAINING_SCALAR.match(m) else int("/" in m), m.lower()))
 
@@ -260,7 +280,8 @@ def aggregate(root: Path, runs: Sequence[Run]) -> dict[str, Any]:
                     "metrics": {m: mean_ci([r.metrics[m] for r in ok if m in r.metrics]) for m in metrics},
                 }
             )
-        datasets[data] = {"kind": "points" if data in POINT_DATA else "images", "metrics": metrics, "arms": rows}
+        preview = dataset_preview(r for rs in arms.values() for r in rs)
+        datasets[data] = {"preview": preview, "metrics": metrics, "arms": rows}
     failed = [
         {
             "run": _rel(r.path, root),
@@ -425,14 +446,11 @@ def final_sample(run_dir: Path) -> Path | None:
     return frames[-1] if frames else None
 
 
-def _preview_kind(data: str, points: bool) -> str:
-    if data == "gauss1d":
-        return "final p_g against p_data, with D(x)"
-    return "final samples, scattered over the real data" if points else "final sample grids"
+def sample_sheet(data: str, arms: Mapping[str, Sequence[Run]], path: Path, *, preview: str = "grid") -> bool:
+    """A grid of the final sample previews: one row per arm, one column per seed. False if no run has one.
 
-
-def sample_sheet(data: str, arms: Mapping[str, Sequence[Run]], path: Path, *, points: bool) -> bool:
-    """A grid of the final sample previews: one row per arm, one column per seed. False if no run has one."""
+    ``preview`` is the data set's preview kind (``grid``, ``scatter``, ``density``): plots are resampled smoothly,
+    image grids with nearest neighbours, and the title says what the cells show."""
     cells = {(arm, r.seed): final_sample(r.path) for arm, runs in arms.items() for r in runs if r.problem is None}
     if not any(cells.values()):
         return False
@@ -444,7 +462,8 @@ def sample_sheet(data: str, arms: Mapping[str, Sequence[Run]], path: Path, *, po
 
     arm_names = list(arms)
     seeds = _seed_list([r for runs in arms.values() for r in runs if r.problem is None])
-    size = 2.6 if points else 2.2
+    plot = preview != "grid"
+    size = 2.6 if plot else 2.2
     fig, axes = plt.subplots(
         len(arm_names), len(seeds), figsize=(size * len(seeds) + 1.2, size * len(arm_names) + 0.5), squeeze=False
     )
@@ -459,12 +478,12 @@ def sample_sheet(data: str, arms: Mapping[str, Sequence[Run]], path: Path, *, po
                 for spine in ax.spines.values():
                     spine.set_visible(False)
             else:
-                ax.imshow(mpimg.imread(img), interpolation="nearest" if not points else "antialiased")
+                ax.imshow(mpimg.imread(img), interpolation="antialiased" if plot else "nearest")
             if i == 0:
                 ax.set_title(f"seed {seed}", fontsize=9)
             if j == 0:
                 ax.set_ylabel(arm, fontsize=8)
-    fig.suptitle(f"{data}: {_preview_kind(data, points)}", fontsize=10)
+    fig.suptitle(f"{data}: {PREVIEW_CAPTIONS[preview]}", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
@@ -503,7 +522,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
                 "",
             ]
         if ds.get("samples"):
-            what = _preview_kind(data, ds["kind"] == "points")
+            what = PREVIEW_CAPTIONS[ds["preview"]]
             out += [
                 f"{what[0].upper()}{what[1:]} (rows: arms, columns: seeds):",
                 "",
@@ -556,7 +575,7 @@ def write_report(root: Path, *, plots: bool = True) -> dict[str, Any]:
             ds["curve_metrics"] = [m for m in files if m != "_overview"]
             ds["plots"] = {m: _rel(folder / f, root) for m, f in files.items()}
             sheet = folder / "samples.png"
-            if sample_sheet(data, grouped[data], sheet, points=ds["kind"] == "points"):
+            if sample_sheet(data, grouped[data], sheet, preview=ds["preview"]):
                 ds["samples"] = _rel(sheet, root)
     (root / "report.md").write_text(render_markdown(report) + "\n")
     (root / "report.json").write_text(json.dumps(_jsonable(report), indent=2) + "\n")

@@ -1,6 +1,6 @@
 """Data sets (the ``data`` config group): in-memory tensors sampled by index."""
 
-from ganlab.data.base import InMemoryData
+from ganlab.data.base import EvalSpec, InMemoryData, describe
 from ganlab.data.digits import Digits, load_digits_uint8
 from ganlab.data.folder import ImageFolder
 from ganlab.data.stacked import StackedDigits
@@ -11,6 +11,7 @@ __all__ = [
     "CIFAR10",
     "MNIST",
     "Digits",
+    "EvalSpec",
     "Gauss1D",
     "GaussianMixture2D",
     "Grid25",
@@ -19,5 +20,6 @@ __all__ = [
     "Ring8",
     "StackedDigits",
     "StackedMNIST",
+    "describe",
     "load_digits_uint8",
 ]

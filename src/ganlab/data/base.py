@@ -6,17 +6,69 @@ batches are gathered by index: no DataLoader workers, and batch ``s`` of a run i
 
 Images are stored as ``uint8 [N, C, H, W]`` (what torch-fidelity wants) and mapped to ``[-1, 1]`` on the fly;
 2-D/1-D points are stored as ``float32 [N, D]``.
+
+Each data set also says how it is judged, in its ``evaluation`` class attribute (an :class:`EvalSpec`): the
+evaluator, the sample previews and the run record read that, never the data set's name.
 """
 
 from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
+
+from ganlab.metrics.protocol import ModeMetric
+
+Preview = Literal["grid", "scatter", "density"]
+PREVIEWS: tuple[str, ...] = ("grid", "scatter", "density")
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    """How a data set is evaluated and previewed; the one place that decision lives.
+
+    - ``samples``: generated samples per evaluation in the data set's protocol (``metrics.n_samples`` overrides
+      it); every metric name carries the count actually used (``fid2k``, ``modes2500``, ``stacked_modes26k``).
+    - ``features``: torch-fidelity feature extractor for FID/IS/KID/precision/recall:
+      ``ganlab.metrics.protocol.DIGITS_EXTRACTOR`` (the shipped digits CNN), ``INCEPTION_EXTRACTOR``
+      (Inception-v3, ``metrics.inception_weights``), or None (no fidelity metrics).
+    - ``modes``: a mode-coverage metric (``MixtureModes()``, ``StackedModes(...)``) or None.
+    - ``preview``: what the fixed-noise sample previews are: ``"grid"`` (an image grid), ``"scatter"`` (2-D
+      points over the real data) or ``"density"`` (1-D: p_data, p_g and D(x), Goodfellow et al. Figure 1).
+    """
+
+    samples: int = 2000
+    features: str | None = None
+    modes: ModeMetric | None = None
+    preview: Preview = "grid"
+
+    def __post_init__(self) -> None:
+        if self.preview not in PREVIEWS:
+            raise ValueError(f"EvalSpec.preview must be one of {', '.join(PREVIEWS)} (got {self.preview!r})")
+        if not isinstance(self.samples, int) or self.samples < 1:
+            raise ValueError(f"EvalSpec.samples must be a positive integer (got {self.samples!r})")
+
+
+def describe(data: InMemoryData) -> dict[str, Any]:
+    """The data set's identity and evaluation declaration as JSON-ready values (``summary.json``'s ``data``).
+
+    ``{"name", "preview", "features", "modes", "eval_samples"}``; ``modes`` is the metric's repr (e.g.
+    ``"StackedModes(from_labels=True)"``) or None. The report reads ``preview`` from here.
+    """
+    spec = data.evaluation
+    return {
+        "name": data.name,
+        "preview": spec.preview,
+        "features": spec.features,
+        "modes": None if spec.modes is None else repr(spec.modes),
+        "eval_samples": spec.samples,
+    }
 
 
 class _Ticks(IterableDataset):
@@ -27,17 +79,17 @@ class _Ticks(IterableDataset):
 
 
 class InMemoryData(pl.LightningDataModule):
-    """Base class: subclasses implement :meth:`load` and set ``kind``.
+    """Base class: subclasses implement :meth:`load` and set ``kind`` and ``evaluation``.
 
     After :meth:`setup`: ``train_x``, ``train_y`` (or None), ``test_x``, ``test_y`` (or None).
     """
 
     name: str = "base"
-    kind: str = "image"  # "image" (uint8 NCHW) or "points" (float32 [N, D])
+    kind: str = "image"  # storage: "image" (uint8 NCHW) or "points" (float32 [N, D])
     num_classes: int | None = None
     n_preview: int = 64  # fixed-noise samples in each sample grid
     batch_size: int = 64  # m when the config leaves batch_size null
-    eval_samples: int = 2000  # generated samples per evaluation unless metrics.n_samples says otherwise
+    evaluation: EvalSpec = EvalSpec()  # no metrics, image-grid previews: each data set declares its own
 
     def __init__(self) -> None:
         super().__init__()

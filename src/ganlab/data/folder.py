@@ -9,8 +9,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ganlab.data.base import InMemoryData
+from ganlab.data.base import EvalSpec, InMemoryData
 from ganlab.errors import DataUnavailable, UserError
+from ganlab.metrics.protocol import INCEPTION_EXTRACTOR
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
@@ -54,6 +55,7 @@ class ImageFolder(InMemoryData):
     name = "folder"
     kind = "image"
     num_classes = None
+    evaluation = EvalSpec(features=INCEPTION_EXTRACTOR)  # FID/IS/KID/PR on 2,000 samples
 
     def __init__(
         self,

@@ -8,9 +8,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ganlab.data.base import InMemoryData
+from ganlab.data.base import EvalSpec, InMemoryData
 from ganlab.data.digits import load_digits_uint8
 from ganlab.data.torchvision_sets import stack_three
+from ganlab.metrics.protocol import DIGITS_EXTRACTOR
+from ganlab.metrics.stacked import StackedModes
 
 
 class StackedDigits(InMemoryData):
@@ -24,7 +26,9 @@ class StackedDigits(InMemoryData):
     name = "stacked_digits"
     kind = "image"
     num_classes = 1000
-    eval_samples = 26_000  # PacGAN Table 2 counts modes among 26,000 samples
+    # PacGAN Table 2 counts modes among 26,000 samples; the shipped digits CNN labels each channel and gives
+    # the FID/IS/KID/PR features
+    evaluation = EvalSpec(samples=26_000, features=DIGITS_EXTRACTOR, modes=StackedModes())
 
     def __init__(self, n_train: int = 50_000, n_test: int = 5_000, data_seed: int = 1234) -> None:
         super().__init__()

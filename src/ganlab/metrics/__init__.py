@@ -1,5 +1,6 @@
 """Evaluation: FID/IS/KID/precision/recall through torch-fidelity (Inception-v3 or the shipped digits CNN),
-PacGAN's mode-coverage metrics for 2-D mixtures and stacked digits, and the per-data-set evaluator."""
+PacGAN's mode-coverage metrics for 2-D mixtures and stacked digits, the per-data-set evaluator and the
+``Evaluation`` callback (``conf/metrics/default.yaml``)."""
 
 from __future__ import annotations
 
@@ -13,13 +14,18 @@ _EXPORTS = {
     "load_digits_classifier": "classifier",
     "Evaluator": "evaluator",
     "build_evaluator": "evaluator",
-    "DIGITS_EXTRACTOR": "fidelity",
-    "INCEPTION_EXTRACTOR": "fidelity",
+    "Evaluation": "callback",
+    "DIGITS_EXTRACTOR": "protocol",
+    "INCEPTION_EXTRACTOR": "protocol",
+    "ModeMetric": "protocol",
+    "protocol_name": "protocol",
     "REFERENCE_PASSES": "fidelity",
     "DigitsFeatureExtractor": "fidelity",
     "compute_fidelity": "fidelity",
-    "protocol_name": "fidelity",
+    "MixtureModes": "modes",
     "mode_coverage": "modes",
+    "StackedModes": "stacked",
+    "channel_classifier_from_labels": "stacked",
     "classify_channels": "stacked",
     "stacked_mode_stats": "stacked",
 }

@@ -51,9 +51,8 @@ from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_featur
 
 from ganlab.errors import UserError
 from ganlab.metrics.classifier import load_digits_classifier, one_thread, resolve_weights, sha256_file
+from ganlab.metrics.protocol import DIGITS_EXTRACTOR, INCEPTION_EXTRACTOR, protocol_name
 
-DIGITS_EXTRACTOR = "digits-cnn"
-INCEPTION_EXTRACTOR = "inception-v3-compat"
 INCEPTION_WEIGHTS_FILE = URL_INCEPTION_V3.rsplit("/", 1)[-1]  # weights-inception-2015-12-05-6726825d.pth
 SUBSET_SEED = 0
 IS_SPLITS = 10  # torch-fidelity's default, passed explicitly as part of the protocol
@@ -130,11 +129,6 @@ if DIGITS_EXTRACTOR not in FEATURE_EXTRACTORS_REGISTRY:
 # --------------------------------------------------------------------------------------------------------------
 # Names, keys, caches
 # --------------------------------------------------------------------------------------------------------------
-def protocol_name(metric: str, n: int) -> str:
-    """``metric`` with its sample count: ``protocol_name("fid", 2000) == "fid2k"``, ``("fid", 500) -> "fid500"``."""
-    return f"{metric}{n // 1000}k" if n > 0 and n % 1000 == 0 else f"{metric}{n}"
-
-
 def default_cache_dir() -> Path:
     """``$GANLAB_CACHE/fidelity``; ``GANLAB_CACHE`` defaults to ``~/.cache/ganlab``."""
     return Path(os.environ.get("GANLAB_CACHE", Path.home() / ".cache" / "ganlab")) / "fidelity"

@@ -1,15 +1,40 @@
-"""What every discriminator shares: hidden blocks whose outputs are exposed as features, optional
-minibatch-discrimination layers after any of them, and a head that gives one logit per example (or ``n_outputs``
-logits: the class logits of the semi-supervised discriminator)."""
+"""What every network shares: a normalisation chosen by argument, and discriminators whose hidden blocks are
+exposed as features, with layers a trick inserts after any of them and a head that gives one logit per example
+(or ``n_outputs`` logits: the class logits of the semi-supervised discriminator).
+
+The networks know no trick: a trick hands them a normalisation factory (``norm``) or layers to insert
+(``inserts``, see :class:`ganlab.tricks.base.LayerInsert`) through generic constructor arguments.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
 
 from torch import Tensor, nn
 
-from ganlab.tricks.minibatch_discrimination import MinibatchDiscrimination
+from ganlab.tricks.base import LayerInsert
+
+NormFactory = Callable[[int, int], nn.Module]  # (features, dims) -> layer; dims 1 for vectors, 2 for maps
+
+
+def batch_norm(features: int, dims: int) -> nn.Module:
+    """Batch normalisation of ``features`` channels of vectors (``dims=1``) or feature maps (``dims=2``)."""
+    return nn.BatchNorm2d(features) if dims == 2 else nn.BatchNorm1d(features)
+
+
+def resolve_norm(norm: str | NormFactory | None) -> NormFactory | None:
+    """A network's ``norm`` argument as a factory: ``"batch"``, ``"none"``/None, or a trick's factory."""
+    if norm is None or norm == "none":
+        return None
+    if norm == "batch":
+        return batch_norm
+    if callable(norm):
+        return norm
+    raise ValueError(f"unknown normalisation {norm!r} (batch | none, or a trick's factory)")
+
+
+def norm_or_identity(make: NormFactory | None, features: int, dims: int) -> nn.Module:
+    return make(features, dims) if make is not None else nn.Identity()
 
 
 def normalise_layers(layers: Sequence[int], n_blocks: int, what: str) -> list[int]:
@@ -26,11 +51,11 @@ def normalise_layers(layers: Sequence[int], n_blocks: int, what: str) -> list[in
 class Discriminator(nn.Module):
     """``forward(x) -> (logits [n], features)`` where ``features[i]`` is the output of hidden block ``i``.
 
-    With ``n_outputs = K > 1`` (set by subclasses, whose head then has K outputs) the logits are ``[n, K]``: the
-    class logits of the semi-supervised GAN (Salimans et al. 2016 §5). The default K = 1 gives ``[n]``.
+    With ``n_outputs = K > 1`` (whose head then has K outputs) the logits are ``[n, K]``: the class logits of the
+    semi-supervised GAN (Salimans et al. 2016 §5). The default K = 1 gives ``[n]``.
 
-    Subclasses build the blocks through :meth:`_build`, which inserts a minibatch-discrimination layer after the
-    blocks named in ``minibatch["layers"]`` and widens the next block's input accordingly.
+    Subclasses build the blocks through :meth:`_build`, which places the inserted layers after the blocks they
+    name and widens the next block's input by each layer's ``extra_features``.
     """
 
     n_outputs: int = 1
@@ -48,27 +73,24 @@ class Discriminator(nn.Module):
         make_head: Callable[[int], nn.Module],
         in_width: int,
         flat_size: Callable[[int, int], int],
-        minibatch: Mapping[str, Any] | None,
+        inserts: Sequence[LayerInsert],
     ) -> None:
         """``make_block(i, in_width) -> (block, out_width)``; ``flat_size(i, width)`` is the number of features
-        of block ``i``'s output per example (what the MBD layer's ``T`` multiplies)."""
-        mbd_layers = []
-        if minibatch is not None:
-            mbd_layers = normalise_layers(minibatch.get("layers", [-1]), n_blocks, "minibatch_discrimination")
+        of block ``i``'s output per example (what an inserted layer sees)."""
+        at = [normalise_layers(ins.layers, n_blocks, "inserted layer") for ins in inserts]
         self.blocks = nn.ModuleList()
-        self.mbd = nn.ModuleDict()
+        self.inserted = nn.ModuleDict()  # str(block index) -> the layers after that block, in trick order
         width = in_width
         for i in range(n_blocks):
             block, width = make_block(i, width)
             self.blocks.append(block)
-            if i in mbd_layers:
-                layer = MinibatchDiscrimination(
-                    flat_size(i, width),
-                    int(minibatch.get("n_kernels", 100)),
-                    int(minibatch.get("kernel_dim", 5)),
-                )
-                self.mbd[str(i)] = layer
-                width += layer.n_kernels
+            layers = []
+            for ins, where in zip(inserts, at, strict=True):
+                if i in where:
+                    layers.append(ins.make(flat_size(i, width)))
+                    width += int(layers[-1].extra_features)  # the next inserted layer sees the widened output
+            if layers:
+                self.inserted[str(i)] = nn.Sequential(*layers)
         self.head = make_head(width)
 
     def forward(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
@@ -78,7 +100,7 @@ class Discriminator(nn.Module):
             h = block(h)
             feats.append(h)
             key = str(i)
-            if key in self.mbd:
-                h = self.mbd[key](h)
+            if key in self.inserted:
+                h = self.inserted[key](h)
         out = self.head(h)
         return (out.squeeze(1) if self.n_outputs == 1 else out), feats

@@ -7,13 +7,12 @@ one for the 8x8 digits, three for CIFAR-10, four for 64x64 folders.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from ganlab.nets.base import Discriminator
-from ganlab.tricks.virtual_batch_norm import ReferencePass, norm_layer
+from ganlab.nets.base import Discriminator, NormFactory, norm_or_identity, resolve_norm
+from ganlab.tricks.base import LayerInsert
 
 
 def _stages(resolution: int) -> int:
@@ -35,12 +34,12 @@ def dcgan_init(module: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
-class DCGANGenerator(ReferencePass, nn.Module):
+class DCGANGenerator(nn.Module):
     """``z [n, z_dim] -> x [n, c, r, r]`` in [-1, 1].
 
     Shapes for ``r = 32, width = w``: z -> [8w, 4, 4] -> [4w, 8, 8] -> [2w, 16, 16] -> [w, 32, 32] -> [c, 32, 32].
-    Each stage is ConvTranspose(4, stride 2) + BN + ReLU; a 3x3 conv and tanh give the image. With
-    ``virtual_batch_norm`` (the trick's settings) every BN becomes virtual batch norm.
+    Each stage is ConvTranspose(4, stride 2) + norm + ReLU; a 3x3 conv and tanh give the image. ``norm`` is batch
+    norm in DCGAN; the virtual_batch_norm trick replaces it with its own factory.
     """
 
     def __init__(
@@ -48,56 +47,58 @@ class DCGANGenerator(ReferencePass, nn.Module):
         out_shape: tuple[int, ...],
         z_dim: int = 64,
         width: int = 64,
-        batch_norm: bool = True,
-        virtual_batch_norm: Mapping[str, Any] | None = None,
+        norm: str | NormFactory | None = "batch",
     ) -> None:
         super().__init__()
+        if z_dim < 1 or width < 1:
+            raise ValueError(f"model: z_dim and width must be >= 1 (got {z_dim}, {width})")
         c, h, w = out_shape
         if h != w:
             raise ValueError(f"DCGAN nets need square images (got {h}x{w})")
         n = _stages(h)
         self.z_dim = z_dim
         ch = [width * 2 ** (n - i) for i in range(n + 1)]  # channels at 4x4, 8x8, ..., r x r
-        kind = self.init_reference(z_dim, virtual_batch_norm) or ("batch" if batch_norm else "none")
+        make_norm = resolve_norm(norm)
 
-        def norm(c: int) -> nn.Module:
-            return norm_layer(kind, c, dims=2)
+        def norm_of(c: int) -> nn.Module:
+            return norm_or_identity(make_norm, c, dims=2)
 
-        self.stem = nn.Sequential(nn.Linear(z_dim, ch[0] * 16), nn.Unflatten(1, (ch[0], 4, 4)), norm(ch[0]), nn.ReLU())
+        self.stem = nn.Sequential(
+            nn.Linear(z_dim, ch[0] * 16), nn.Unflatten(1, (ch[0], 4, 4)), norm_of(ch[0]), nn.ReLU()
+        )
         stages: list[nn.Module] = []
         for i in range(n):
-            stages += [nn.ConvTranspose2d(ch[i], ch[i + 1], 4, 2, 1, bias=False), norm(ch[i + 1]), nn.ReLU()]
+            stages += [nn.ConvTranspose2d(ch[i], ch[i + 1], 4, 2, 1, bias=False), norm_of(ch[i + 1]), nn.ReLU()]
         self.stages = nn.Sequential(*stages)
         self.to_image = nn.Sequential(nn.Conv2d(ch[-1], c, 3, 1, 1), nn.Tanh())
         dcgan_init(self)
-        self.collect_vbn()
-
-    def _body(self, z: Tensor) -> Tensor:
-        return self.to_image(self.stages(self.stem(z)))
 
     def forward(self, z: Tensor) -> Tensor:
-        self.reference_pass(self._body)
-        return self._body(z)
+        return self.to_image(self.stages(self.stem(z)))
 
 
 class DCGANDiscriminator(Discriminator):
     """``x [n, c, r, r] -> logit``; hidden blocks (each exposed as a feature):
 
     block 0: 3x3 conv c -> w at r x r; blocks 1..n: Conv(4, stride 2) doubling channels down to 4x4;
-    head: flatten + linear. BN (``batch_norm``) on every block but the first, as in DCGAN. ``n_outputs = K > 1``
-    gives K class logits ``[n, K]`` (the semi-supervised GAN's D).
+    head: flatten + linear. ``norm`` (the batch_norm_d trick) on every block but the first, as in DCGAN;
+    ``inserts`` are a trick's layers (minibatch discrimination). ``n_outputs = K > 1`` gives K class logits
+    ``[n, K]`` (the semi-supervised GAN's D).
     """
 
     def __init__(
         self,
         in_shape: tuple[int, ...],
         width: int = 64,
-        batch_norm: bool = True,
-        minibatch: Mapping[str, Any] | None = None,
+        norm: str | NormFactory | None = "none",
+        inserts: Sequence[LayerInsert] = (),
         n_outputs: int = 1,
     ) -> None:
         super().__init__()
+        if width < 1:
+            raise ValueError(f"model.discriminator.width must be >= 1 (got {width})")
         self.set_outputs(n_outputs)
+        make_norm = resolve_norm(norm)
         c, h, _ = in_shape
         n = _stages(h)
         sizes = [h // 2**i for i in range(n + 1)]  # spatial size after block i
@@ -106,14 +107,14 @@ class DCGANDiscriminator(Discriminator):
             if i == 0:
                 return nn.Sequential(nn.Conv2d(c_in, width, 3, 1, 1), nn.LeakyReLU(0.2)), width
             c_out = width * 2**i
-            layers: list[nn.Module] = [nn.Conv2d(c_in, c_out, 4, 2, 1, bias=not batch_norm)]
-            if batch_norm:
-                layers.append(nn.BatchNorm2d(c_out))
+            layers: list[nn.Module] = [nn.Conv2d(c_in, c_out, 4, 2, 1, bias=make_norm is None)]
+            if make_norm is not None:
+                layers.append(make_norm(c_out, 2))
             layers.append(nn.LeakyReLU(0.2))
             return nn.Sequential(*layers), c_out
 
         def head(c_last: int) -> nn.Module:
             return nn.Sequential(nn.Flatten(), nn.Linear(c_last * 16, self.n_outputs))
 
-        self._build(n + 1, block, head, c, lambda i, ch: ch * sizes[i] ** 2, minibatch)
+        self._build(n + 1, block, head, c, lambda i, ch: ch * sizes[i] ** 2, inserts)
         dcgan_init(self)

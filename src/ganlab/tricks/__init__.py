@@ -1,13 +1,28 @@
-"""Stabilising tricks of Salimans et al. 2016, each switchable from the ``tricks`` config group.
+"""Stabilising tricks of Salimans et al. 2016, each a ``_target_`` object of the ``tricks`` config group.
 
-Hook tricks (a ``_target_`` in their config) act on the losses and updates through :class:`ganlab.module.Trick`;
-structural tricks (minibatch discrimination, virtual batch norm, batch norm in D) are settings the network
-builders read.
+The interface (:mod:`ganlab.tricks.base`) imports nothing from the training loop: a trick changes the networks
+before training (a normalisation factory, inserted layers, a wrapped G), the D loss's real target, or each update
+(a penalty, an after-update hook), and saves its state in checkpoints.
 """
 
+from ganlab.tricks.base import LayerInsert, Player, Trick, network_args
+from ganlab.tricks.batch_norm_d import BatchNormD
 from ganlab.tricks.historical_averaging import HistoricalAveraging
 from ganlab.tricks.label_smoothing import LabelSmoothing
-from ganlab.tricks.minibatch_discrimination import MinibatchDiscrimination
-from ganlab.tricks.virtual_batch_norm import VirtualBatchNorm
+from ganlab.tricks.minibatch_discrimination import MinibatchDiscrimination, MinibatchDiscriminationD
+from ganlab.tricks.virtual_batch_norm import ReferenceBatch, VirtualBatchNorm, VirtualBatchNormG
 
-__all__ = ["HistoricalAveraging", "LabelSmoothing", "MinibatchDiscrimination", "VirtualBatchNorm"]
+__all__ = [
+    "BatchNormD",
+    "HistoricalAveraging",
+    "LabelSmoothing",
+    "LayerInsert",
+    "MinibatchDiscrimination",
+    "MinibatchDiscriminationD",
+    "Player",
+    "ReferenceBatch",
+    "Trick",
+    "VirtualBatchNorm",
+    "VirtualBatchNormG",
+    "network_args",
+]

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ganlab.module import Player, Trick
+from ganlab.tricks.base import Player, Trick
 
 
 class HistoricalAveraging(Trick):

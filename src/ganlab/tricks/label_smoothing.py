@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ganlab.module import Trick
+from ganlab.tricks.base import Trick
 
 
 class LabelSmoothing(Trick):

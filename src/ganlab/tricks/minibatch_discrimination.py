@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import torch
 from torch import Tensor, nn
+
+from ganlab.tricks.base import LayerInsert, Player, Trick
 
 
 class MinibatchDiscrimination(nn.Module):
@@ -26,6 +31,7 @@ class MinibatchDiscrimination(nn.Module):
                 f"minibatch discrimination needs n_kernels, kernel_dim >= 1 (got {n_kernels}, {kernel_dim})"
             )
         self.in_features, self.n_kernels, self.kernel_dim = in_features, n_kernels, kernel_dim
+        self.extra_features = n_kernels  # what the layer appends: B similarity features (or channels)
         self.T = nn.Parameter(torch.randn(in_features, n_kernels * kernel_dim) * init_std)  # [A, B*C]
 
     def similarity(self, x: Tensor) -> Tensor:
@@ -48,3 +54,24 @@ class MinibatchDiscrimination(nn.Module):
 
     def extra_repr(self) -> str:
         return f"A={self.in_features}, B={self.n_kernels}, C={self.kernel_dim}"
+
+
+class MinibatchDiscriminationD(Trick):
+    """``tricks=[minibatch_discrimination]``: a :class:`MinibatchDiscrimination` layer with ``n_kernels`` (B) and
+    ``kernel_dim`` (C) after each of D's hidden ``layers`` (``-1``: the penultimate layer, as in Salimans et al.)."""
+
+    def __init__(self, layers: Sequence[int] = (-1,), n_kernels: int = 100, kernel_dim: int = 5) -> None:
+        if len(layers) == 0:
+            raise ValueError("tricks.minibatch_discrimination.layers must name at least one D layer")
+        if n_kernels < 1 or kernel_dim < 1:
+            raise ValueError(
+                "tricks.minibatch_discrimination: n_kernels and kernel_dim must be >= 1 "
+                f"(got {n_kernels}, {kernel_dim})"
+            )
+        self.layers, self.n_kernels, self.kernel_dim = [int(i) for i in layers], int(n_kernels), int(kernel_dim)
+
+    def _make(self, in_features: int) -> nn.Module:
+        return MinibatchDiscrimination(in_features, self.n_kernels, self.kernel_dim)
+
+    def network_args(self, player: Player) -> dict[str, Any]:
+        return {"inserts": [LayerInsert(self.layers, self._make)]} if player == "D" else {}

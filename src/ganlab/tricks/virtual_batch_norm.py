@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
+
+from ganlab.tricks.base import Player, Trick
 
 
 class VirtualBatchNorm(nn.Module):
@@ -15,8 +19,7 @@ class VirtualBatchNorm(nn.Module):
     Unlike batch norm, an example's output never depends on the other examples of its batch.
 
     The reference statistics are refreshed by a reference pass (``reference_mode``) through the network before
-    each forward, so they follow the current weights; the module holding the layers runs that pass
-    (:class:`ReferencePass`).
+    each forward, so they follow the current weights; :class:`ReferenceBatch` runs that pass.
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5) -> None:
@@ -51,40 +54,49 @@ class VirtualBatchNorm(nn.Module):
         return y * self._view(self.weight[None], x) + self._view(self.bias[None], x)
 
 
-def norm_layer(kind: str, num_features: int, dims: int) -> nn.Module:
-    """The normalisation of a generator layer: ``batch``, ``virtual`` (VBN) or ``none``."""
-    if kind == "batch":
-        return nn.BatchNorm2d(num_features) if dims == 2 else nn.BatchNorm1d(num_features)
-    if kind == "virtual":
-        return VirtualBatchNorm(num_features)
-    if kind == "none":
-        return nn.Identity()
-    raise ValueError(f"unknown normalisation {kind!r} (batch | virtual | none)")
+class ReferenceBatch(nn.Module):
+    """G wrapped so that every forward first runs the fixed reference noise ``z_ref`` through it in reference mode
+    (which refreshes every :class:`VirtualBatchNorm` layer's statistics under the current weights), then ``z``.
 
+    That doubles the cost of a batch of size |z_ref|, as Salimans et al. note, which is why VBN is used in G only.
+    ``z_ref`` is a buffer: fixed at the start, saved in checkpoints.
+    """
 
-class ReferencePass:
-    """Mixin for generators with :class:`VirtualBatchNorm` layers: ``z_ref`` (a buffer fixed at construction,
-    saved in checkpoints) is run through the network in reference mode before every forward. That doubles the
-    cost of a batch of size |z_ref|, as Salimans et al. note, which is why VBN is used in G only."""
+    def __init__(self, generator: nn.Module, z_ref: Tensor) -> None:
+        super().__init__()
+        self.inner = generator
+        self.z_dim = int(generator.z_dim)
+        self.register_buffer("z_ref", z_ref)
+        self.vbn_layers = [m for m in generator.modules() if isinstance(m, VirtualBatchNorm)]
 
-    def init_reference(self, z_dim: int, vbn: dict | None) -> str:
-        """Register ``z_ref`` when ``vbn`` (the trick's settings) is given; return the norm kind to use."""
-        self._vbn_layers: list[VirtualBatchNorm] = []
-        if vbn is None:
-            return ""
-        self.register_buffer("z_ref", torch.randn(int(vbn.get("ref_batch_size", 64)), z_dim))
-        return "virtual"
-
-    def collect_vbn(self) -> None:
-        self._vbn_layers = [m for m in self.modules() if isinstance(m, VirtualBatchNorm)]
-
-    def reference_pass(self, body) -> None:
-        if not self._vbn_layers:
-            return
-        for m in self._vbn_layers:
+    def forward(self, z: Tensor) -> Tensor:
+        for m in self.vbn_layers:
             m.reference_mode = True
         try:
-            body(self.z_ref)
+            self.inner(self.z_ref)
         finally:
-            for m in self._vbn_layers:
+            for m in self.vbn_layers:
                 m.reference_mode = False
+        return self.inner(z)
+
+
+class VirtualBatchNormG(Trick):
+    """``tricks=[virtual_batch_norm]``: every normalisation layer of G becomes :class:`VirtualBatchNorm`, with a
+    reference batch of ``ref_batch_size`` noise vectors drawn once from the configured prior."""
+
+    def __init__(self, ref_batch_size: int = 64) -> None:
+        if ref_batch_size < 1:
+            raise ValueError(f"tricks.virtual_batch_norm.ref_batch_size must be >= 1 (got {ref_batch_size})")
+        self.ref_batch_size = int(ref_batch_size)
+
+    @staticmethod
+    def _norm(features: int, dims: int) -> nn.Module:
+        return VirtualBatchNorm(features)
+
+    def network_args(self, player: Player) -> dict[str, Any]:
+        return {"norm": self._norm} if player == "G" else {}
+
+    def wrap_generator(self, generator: nn.Module, prior: Any) -> nn.Module:
+        if not any(isinstance(m, VirtualBatchNorm) for m in generator.modules()):
+            raise ValueError("tricks.virtual_batch_norm: G has no normalisation layer to make virtual")
+        return ReferenceBatch(generator, prior.sample((self.ref_batch_size, int(generator.z_dim))))

@@ -1,62 +1,31 @@
 """The GAN as a LightningModule with manual optimisation: Goodfellow et al.'s Algorithm 1 with pluggable parts.
 
-One ``training_step`` is one *generator step*: ``d_steps`` discriminator updates, each on a fresh real minibatch
-and fresh noise, then one generator update. Lightning's ``global_step`` counts optimizer steps under manual
-optimisation (``d_steps + 1`` per generator step); every budget and interval of this project counts generator
-steps (``g_step``) instead, and both are logged.
+One ``training_step`` is one *generator step*: the phases of a :class:`~ganlab.schedule.Schedule` (``d_steps``
+discriminator updates, each on a fresh real minibatch and fresh noise, then one generator update). Lightning's
+``global_step`` counts optimizer steps under manual optimisation (``schedule.optimizer_steps`` per generator step);
+every budget and interval of this project counts generator steps (``g_step``) instead, and both are logged.
 
-All randomness of generator step ``s`` (real-batch indices, noise) comes from a generator seeded with
+All randomness of generator step ``s`` (real-batch indices, noise) comes from a random stream seeded with
 ``(seed, s)``, so a resumed run draws exactly the batches an uninterrupted one would.
+
+The module owns backward, stepping and logging; the objectives (:mod:`ganlab.losses`) are pure functions and the
+tricks (:mod:`ganlab.tricks`) act only through their hooks.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 
-from ganlab.losses import GeneratorObjective, discriminator_loss
-
-Player = Literal["D", "G"]
-
-
-@dataclass(frozen=True)
-class Phase:
-    """One entry of the alternating schedule: update ``player`` ``repeats`` times."""
-
-    player: Player
-    repeats: int
-
-
-class Trick:
-    """Base of the pluggable training tricks (the ``tricks`` config group); every hook is optional.
-
-    - ``real_target``: the D loss's target for real examples (one-sided label smoothing sets it below 1);
-    - ``penalty(player, net)``: a term added to that player's loss (historical averaging);
-    - ``after_update(player, net)``: called after each optimizer step of that player;
-    - ``state_dict``/``load_state_dict``: saved in and restored from checkpoints.
-    """
-
-    real_target: float | None = None
-
-    def setup(self, module: GANModule) -> None:
-        """Called once the module holds its networks (e.g. to snapshot parameters)."""
-
-    def penalty(self, player: Player, net: nn.Module) -> Tensor | None:
-        return None
-
-    def after_update(self, player: Player, net: nn.Module) -> None:
-        """Called after every optimizer step of ``player``."""
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore what :meth:`state_dict` saved."""
+from ganlab.losses import Objective
+from ganlab.nets.prior import Prior
+from ganlab.schedule import Schedule
+from ganlab.tricks.base import Player, Trick
+from ganlab.util import eval_mode, is_due, log_to_all
 
 
 def _rng_seed(seed: int, step: int) -> int:
@@ -70,7 +39,7 @@ class GANModule(pl.LightningModule):
     Args:
         generator: maps ``[n, z_dim]`` noise to samples; must have a ``z_dim`` attribute.
         discriminator: ``x -> (logits [n], list of hidden features)``.
-        objective: what G minimises (a :class:`~ganlab.losses.GeneratorObjective`).
+        objective: D's and G's objectives (an :class:`~ganlab.losses.Objective`: the arm).
         data: the in-memory data set (its training tensor is sampled by index).
         d_steps: k, discriminator updates per generator update.
         batch_size: m, examples per real batch and per fake batch.
@@ -80,7 +49,7 @@ class GANModule(pl.LightningModule):
         log_every: log scalars every this many generator steps (never per step: logging costs more than a
             small model's step).
         n_fixed: number of fixed-noise samples for the sample grid (default: the data set's ``n_preview``).
-        tricks: pluggable :class:`Trick` objects.
+        tricks: pluggable :class:`~ganlab.tricks.base.Trick` objects (a trick may wrap G here).
         noise: the prior of z, ``normal`` or ``uniform`` (on [-1, 1]).
         lr_decay: ``none`` or ``linear``: both learning rates fall linearly to 0 at ``max_steps`` (a function of
             ``g_step``, so a resumed run continues the same schedule).
@@ -90,7 +59,7 @@ class GANModule(pl.LightningModule):
         self,
         generator: nn.Module,
         discriminator: nn.Module,
-        objective: GeneratorObjective,
+        objective: Objective,
         data: Any,
         *,
         d_steps: int = 1,
@@ -107,23 +76,23 @@ class GANModule(pl.LightningModule):
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
+        self.prior = Prior(noise)
+        self.tricks = list(tricks)
+        for trick in self.tricks:
+            generator = trick.wrap_generator(generator, self.prior)
         self.G, self.D, self.objective, self.data = generator, discriminator, objective, data
-        self.d_steps, self.batch_size, self.max_steps = int(d_steps), int(batch_size), int(max_steps)
+        self.schedule = Schedule.alternating(d_steps)
+        self.batch_size, self.max_steps = int(batch_size), int(max_steps)
         self.optim_g, self.optim_d = dict(optim_g or {}), dict(optim_d or {})
         self.seed, self.log_every = int(seed), int(log_every)
-        self.tricks = list(tricks)
-        self.schedule = (Phase("D", self.d_steps), Phase("G", 1))
         self.z_dim = int(generator.z_dim)
         data.setup()
         # The training set moves with the module (to the GPU when there is one); not saved in checkpoints.
         self.register_buffer("real_pool", data.train_x, persistent=False)
-        if noise not in ("normal", "uniform"):
-            raise ValueError(f"model.noise must be normal or uniform (got {noise!r})")
-        self.noise = noise
         if lr_decay not in ("none", "linear"):
             raise ValueError(f"model.lr_decay must be none or linear (got {lr_decay!r})")
         self.lr_decay = lr_decay
-        fixed = self.draw_noise((n_fixed or data.n_preview, self.z_dim), torch.Generator().manual_seed(self.seed))
+        fixed = self.prior.sample((n_fixed or data.n_preview, self.z_dim), torch.Generator().manual_seed(self.seed))
         self.register_buffer("fixed_z", fixed)
         self.real_target = 1.0
         for trick in self.tricks:
@@ -131,18 +100,12 @@ class GANModule(pl.LightningModule):
                 self.real_target = float(trick.real_target)
             trick.setup(self)
         self.g_step = 0  # completed generator updates
-        self.d_step = 0  # completed discriminator updates
+        self.d_updates = 0  # completed discriminator updates
         self.last_logged: dict[str, float] = {}
         self._nonfinite: Tensor | None = None  # device flag, checked at log/checkpoint boundaries only
 
     # -- helpers ----------------------------------------------------------------------------------------------
-    def draw_noise(self, shape: tuple[int, ...], gen: torch.Generator) -> Tensor:
-        """The prior p_z: standard normal, or uniform on [-1, 1] (Goodfellow et al.'s Figure 1)."""
-        if self.noise == "uniform":
-            return torch.rand(shape, generator=gen, device=gen.device).mul_(2).sub_(1)
-        return torch.randn(shape, generator=gen, device=gen.device)
-
-    def step_generator(self, step: int) -> torch.Generator:
+    def step_rng(self, step: int) -> torch.Generator:
         """The random stream of generator step ``step`` on this module's device."""
         return torch.Generator(device=self.device).manual_seed(_rng_seed(self.seed, step))
 
@@ -157,13 +120,14 @@ class GANModule(pl.LightningModule):
         """Generate ``n`` samples (model space) from seeded noise, or from ``z``; G in eval mode."""
         if z is None:
             g = torch.Generator(device=self.device).manual_seed(self.seed if seed is None else seed)
-            z = self.draw_noise((n, self.z_dim), g)
-        was_training = self.G.training
-        self.G.eval()
-        try:
+            z = self.prior.sample((n, self.z_dim), g)
+        with eval_mode(self.G):
             return torch.cat([self.G(part) for part in z.split(chunk)])
-        finally:
-            self.G.train(was_training)
+
+    def task_metrics(self) -> dict[str, float]:
+        """Metrics of the task itself, computed at every evaluation (the semi-supervised task's test error);
+        nothing for the plain generative game."""
+        return {}
 
     def _set_trainable(self, player: Player) -> None:
         # Only the updated player's parameters collect gradients: a G update never pays for D's weight grads.
@@ -198,22 +162,24 @@ class GANModule(pl.LightningModule):
     # -- the schedule -----------------------------------------------------------------------------------------
     def training_step(self, batch: Any, batch_idx: int) -> None:
         opt_g, opt_d = self.optimizers()
-        k, m = self.d_steps, self.batch_size
-        log_now = (self.g_step + 1) % self.log_every == 0 or self.g_step + 1 == self.max_steps
-        gen = self.step_generator(self.g_step)
-        # k fresh real batches for D, one more for G's feature statistics; noise for k D steps and 1 G step
-        idx = torch.randint(len(self.real_pool), (k + 1, m), generator=gen, device=self.device)
-        z = self.draw_noise((k + 1, m, self.z_dim), gen)
+        updates = self.schedule.updates
+        m = self.batch_size
+        log_now = is_due(self.g_step + 1, self.log_every, self.max_steps)
+        rng = self.step_rng(self.g_step)
+        # one fresh real batch and one fresh noise batch per update slot (a G update uses its real batch only for
+        # feature statistics)
+        idx = torch.randint(len(self.real_pool), (len(updates), m), generator=rng, device=self.device)
+        z = self.prior.sample((len(updates), m, self.z_dim), rng)
         logs: dict[str, Tensor] = {}
-        d_i = 0
-        for phase in self.schedule:
-            self._set_trainable(phase.player)
-            for _ in range(phase.repeats):
-                if phase.player == "D":
-                    logs.update(self._d_update(opt_d, self.real_batch(idx[d_i]), z[d_i], log_now))
-                    d_i += 1
-                else:
-                    logs.update(self._g_update(opt_g, idx[k], z[k], log_now))
+        player = None
+        for update in updates:
+            if update.player != player:
+                player = update.player
+                self._set_trainable(player)
+            if player == "D":
+                logs.update(self._d_update(opt_d, self.real_batch(idx[update.slot]), z[update.slot], log_now))
+            else:
+                logs.update(self._g_update(opt_g, idx[update.slot], z[update.slot], log_now))
         self.g_step += 1
         if self.lr_decay == "linear":
             self._set_lr(1.0 - self.g_step / self.max_steps)
@@ -231,22 +197,24 @@ class GANModule(pl.LightningModule):
         return d_out
 
     def _apply_update(self, player: Player, opt: Any, loss: Tensor, logs: dict[str, Tensor], log_now: bool) -> None:
-        """What every update shares: trick penalties, backward, the deferred finiteness flag, the gradient norm
-        (log steps only), the optimizer step and the trick hooks."""
+        """What every update shares: the objective's value as ``loss/d`` or ``loss/g``, trick penalties (logged
+        apart as ``penalty/d``, ``penalty/g``), backward, the deferred finiteness flag, the gradient norm (log
+        steps only), the optimizer step and the trick hooks."""
         net = self.D if player == "D" else self.G
+        name = player.lower()
+        logs[f"loss/{name}"] = loss.detach()
         penalty = self._penalties(player, net)
         if penalty is not None:
             loss = loss + penalty
-            logs[f"loss/{player.lower()}_penalty"] = penalty.detach()
+            logs[f"penalty/{name}"] = penalty.detach()
         opt.zero_grad(set_to_none=True)
         self.manual_backward(loss)
         self._flag_nonfinite(loss)
         if log_now:
-            logs[f"grad_norm/{player.lower()}"] = self._grad_norm(net)
+            logs[f"grad_norm/{name}"] = self._grad_norm(net)
         opt.step()
         if player == "D":
-            self.d_step += 1
-            logs["loss/d"] = loss.detach()
+            self.d_updates += 1
         for trick in self.tricks:
             trick.after_update(player, net)
 
@@ -254,7 +222,8 @@ class GANModule(pl.LightningModule):
         with torch.no_grad():
             fake = self.G(z)
         real_logit = self.gan_logit(self.D(real)[0])
-        loss, logs = discriminator_loss(real_logit, self.gan_logit(self.D(fake)[0]), self.real_target)
+        fake_logit = self.gan_logit(self.D(fake)[0])
+        loss, logs = self.objective.discriminator(real_logit, fake_logit, real_target=self.real_target)
         if log_now:
             logs["D(x)"] = torch.sigmoid(real_logit.detach()).mean()
         self._apply_update("D", opt, loss, logs, log_now)
@@ -269,7 +238,7 @@ class GANModule(pl.LightningModule):
             with torch.no_grad():
                 _, real_feats = self.D(self.real_batch(real_idx))
             kwargs = {"fake_feats": [fake_feats[i] for i in layers], "real_feats": [real_feats[i] for i in layers]}
-        loss, logs = self.objective(fake_logit, g_step=self.g_step, **kwargs)
+        loss, logs = self.objective.generator(fake_logit, g_step=self.g_step, **kwargs)
         if log_now:
             logs["D(G(z))"] = torch.sigmoid(fake_logit.detach()).mean()
         self._apply_update("G", opt, loss, logs, log_now)
@@ -280,10 +249,9 @@ class GANModule(pl.LightningModule):
         names = list(logs)
         values = torch.stack([logs[n].float() for n in names]).tolist()  # one host sync per log interval
         metrics = dict(zip(names, values, strict=True))
-        metrics["step/g"], metrics["step/d"] = self.g_step, self.d_step
+        metrics["step/g"], metrics["step/d"] = self.g_step, self.d_updates
         self.last_logged.update(metrics)
-        for logger in self.trainer.loggers:
-            logger.log_metrics(metrics, step=self.g_step)
+        log_to_all(self.trainer.loggers, metrics, self.g_step)
 
     # -- Lightning plumbing -----------------------------------------------------------------------------------
     def train_dataloader(self) -> Any:
@@ -303,7 +271,7 @@ class GANModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["ganlab"] = {
             "g_step": self.g_step,
-            "d_step": self.d_step,
+            "d_updates": self.d_updates,
             "torch_rng": torch.get_rng_state(),
             "tricks": [trick.state_dict() for trick in self.tricks],
         }
@@ -314,7 +282,7 @@ class GANModule(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint["ganlab"]
-        self.g_step, self.d_step = int(state["g_step"]), int(state["d_step"])
+        self.g_step, self.d_updates = int(state["g_step"]), int(state["d_updates"])
         torch.set_rng_state(state["torch_rng"])
         for trick, trick_state in zip(self.tricks, state["tricks"], strict=True):
             trick.load_state_dict(trick_state)
