@@ -82,3 +82,40 @@ class NaNFrom(Trick):
         import torch
 
         return torch.tensor(float("nan")) if player == "D" and self.module.g_step >= self.step else None
+
+
+def wandb_records(path: Path) -> list:
+    """The protobuf records of an offline W&B run file (``run-<id>.wandb``): a LevelDB-style log of 32 KiB
+    blocks after a 7-byte header, each record a 7-byte header (crc, length, type) and a chunk."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B", f"{path} is not a W&B run file"
+    block, pos, out, buf = 32768, 7, [], b""
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        if left < 7:
+            pos += left
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        if kind == 0 and length == 0:
+            pos += left
+            continue
+        chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
+        if kind == 1:
+            out.append(chunk)
+        elif kind == 2:
+            buf = chunk
+        elif kind == 3:
+            buf += chunk
+        elif kind == 4:
+            out.append(buf + chunk)
+            buf = b""
+    records = []
+    for raw in out:
+        record = pb.Record()
+        record.ParseFromString(raw)
+        records.append(record)
+    return records

@@ -100,32 +100,81 @@ def test_feature_matching_is_the_squared_distance_of_batch_means() -> None:
     assert "loss/g_ns" in logs
 
 
-def test_minibatch_discrimination_equals_an_explicit_double_loop() -> None:
-    torch.manual_seed(0)
-    n, a, b, c = 6, 7, 4, 3
-    layer = MinibatchDiscrimination(a, n_kernels=b, kernel_dim=c, init_std=0.3)
-    x = torch.randn(n, a)
-    out = layer(x)
-    m = (x @ layer.T).view(n, b, c)
-    expected = torch.zeros(n, b)
+def _double_loop(m: torch.Tensor) -> torch.Tensor:
+    """o[i, b] = sum_{j != i} exp(-sum_c |m[i, b, c] - m[j, b, c]|), straight from the formula."""
+    n, b, c = m.shape
+    out = torch.zeros(n, b, dtype=m.dtype)
     for i in range(n):
         for j in range(n):
             if i != j:
                 for k in range(b):
-                    expected[i, k] += torch.exp(-(m[i, k] - m[j, k]).abs().sum())
+                    out[i, k] += torch.exp(-sum((m[i, k, q] - m[j, k, q]).abs() for q in range(c)))
+    return out
+
+
+def test_minibatch_discrimination_equals_an_explicit_double_loop() -> None:
+    torch.manual_seed(0)
+    n, a, b, c = 6, 7, 4, 3
+    layer = MinibatchDiscrimination(a, n_kernels=b, kernel_dim=c, init_std=0.3).eval()  # eval: no data init
+    with torch.no_grad():
+        layer.bias.copy_(torch.tensor([0.5, -1.0, 0.0, 2.0]))
+    x = torch.randn(n, a)
+    out = layer(x)
+    theta = layer.theta.detach()
+    t = theta * layer.log_scale.detach().exp() / theta.pow(2).sum(0).sqrt()  # weight norm over the inputs
+    m = (x @ t.view(a, b * c)).view(n, b, c)
     assert out.shape == (n, a + b)
     torch.testing.assert_close(out[:, :a], x)
-    torch.testing.assert_close(out[:, a:], expected, rtol=1e-5, atol=1e-6)
-    # conv input: o(x) broadcast as B extra channels
+    torch.testing.assert_close(out[:, a:], _double_loop(m) + layer.bias.detach(), rtol=1e-5, atol=1e-6)
+    # a conv map is flattened once and o(x) concatenated once: [n, c*h*w + B], not B channels per position
     xc = torch.randn(n, 2, 3, 3)
-    conv_layer = MinibatchDiscrimination(18, n_kernels=b, kernel_dim=c)
+    conv_layer = MinibatchDiscrimination(18, n_kernels=b, kernel_dim=c).eval()
     outc = conv_layer(xc)
-    assert outc.shape == (n, 2 + b, 3, 3)
-    torch.testing.assert_close(outc[:, 2:, 1, 2], conv_layer.similarity(xc))
+    assert outc.shape == (n, 18 + b)
+    torch.testing.assert_close(outc[:, :18], xc.flatten(1))
+    torch.testing.assert_close(outc[:, 18:], conv_layer.similarity(xc))
+
+
+def test_minibatch_discrimination_kernel_and_its_gradient_equal_the_formula() -> None:
+    from ganlab.tricks.minibatch_discrimination import similarity, similarity_reference
+
+    g = torch.Generator().manual_seed(1)
+    m = torch.randn(3, 2, 5, dtype=torch.float64, generator=g, requires_grad=True)  # [B, C, n]
+    assert torch.autograd.gradcheck(similarity, (m,))  # forward and backward of the fused kernel, float64
+    expected = _double_loop(m.detach().permute(2, 0, 1))  # [n, B]
+    torch.testing.assert_close(similarity(m.detach()).t(), expected, rtol=1e-10, atol=1e-12)
+    # float32 at a training size, forward and gradient, against cdist + autograd
+    m32 = (0.3 * torch.randn(10, 3, 64, generator=g)).requires_grad_()
+    w = torch.randn(10, 64, generator=g)
+    fast = similarity(m32)
+    (grad_fast,) = torch.autograd.grad((fast * w).sum(), m32)
+    ref = similarity_reference(m32)
+    (grad_ref,) = torch.autograd.grad((ref * w).sum(), m32)
+    torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad_fast, grad_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_minibatch_discrimination_starts_as_the_authors_code_does() -> None:
+    """improved-gan's MinibatchLayer: on the first training batch the scale of T makes half the mean
+    nearest-neighbour distance 1 in every kernel, and the bias centres o; later batches change neither."""
+    torch.manual_seed(0)
+    layer = MinibatchDiscrimination(16, n_kernels=8, kernel_dim=5).train()
+    x = 3.0 * torch.randn(64, 16)
+    out = layer(x)
+    assert bool(layer.initialised)
+    m = (x @ layer.T.detach().view(16, 40)).view(64, 8, 5).transpose(0, 1)  # [B, n, C]
+    d = torch.cdist(m, m, p=1) + torch.eye(64) * 1e9
+    torch.testing.assert_close(0.5 * d.min(dim=2).values.mean(dim=1), torch.ones(8), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out[:, 16:].mean(0), torch.zeros(8), rtol=0, atol=1e-5)  # centred at the start
+    scale = layer.log_scale.detach().clone()
+    layer(torch.randn(64, 16))
+    torch.testing.assert_close(layer.log_scale.detach(), scale)  # initialised once
+    # weight norm: T's columns have norm exp(log_scale)
+    torch.testing.assert_close(layer.T.detach().norm(dim=0), layer.log_scale.detach().exp())
 
 
 def test_minibatch_discrimination_sees_the_batch() -> None:
     """Identical examples are maximally similar: a collapsed batch is visible to D."""
-    layer = MinibatchDiscrimination(5, n_kernels=3, kernel_dim=2)
+    layer = MinibatchDiscrimination(5, n_kernels=3, kernel_dim=2).eval()
     collapsed = torch.ones(4, 5)
-    torch.testing.assert_close(layer.similarity(collapsed), torch.full((4, 3), 3.0))
+    torch.testing.assert_close(layer.similarity(collapsed) - layer.bias.detach(), torch.full((4, 3), 3.0))

@@ -282,9 +282,10 @@ def test_offline_inception_download_is_a_user_error_with_advice(monkeypatch):
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
 
     monkeypatch.setattr(tf_inception, "load_state_dict_from_url", offline)
-    ev = build_evaluator(_Tiny(), n_samples=20, device="cpu", inception_weights=None)
-    with pytest.raises(UserError) as e:
-        ev(_noise(20, seed=3, c=3))
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    monkeypatch.setenv("TORCH_HOME", "/nonexistent/torch_home")  # no cached weights
+    with pytest.raises(UserError) as e:  # the preflight fetch fails while the evaluator is built: before training
+        build_evaluator(_Tiny(), n_samples=20, device="cpu", inception_weights=None)
     msg = str(e.value)
     assert "\n" not in msg and "metrics.inception_weights=" in msg and "name resolution" in msg
 

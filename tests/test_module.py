@@ -11,6 +11,7 @@ import pytorch_lightning as pl
 import torch
 
 from conftest import TINY, compose_cfg
+from ganlab.errors import Diverged
 from ganlab.pipeline import build, train
 
 
@@ -117,10 +118,10 @@ def test_resumed_run_continues_exactly_where_it_stopped(tmp_path: Path) -> None:
 def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path: Path) -> None:
     # the D loss turns NaN from generator step 3 on (conftest.NaNFrom), after three good checkpointed steps
     poison = ["+tricks.poison._target_=conftest.NaNFrom", "+tricks.poison.step=3"]
-    with pytest.raises(FloatingPointError):
+    with pytest.raises(Diverged):
         train(compose_cfg([*TINY, "max_steps=50", "ckpt_every=1", "log_every=1000", *poison]), tmp_path / "bad")
     summary = json.loads((tmp_path / "bad" / "summary.json").read_text())
-    assert summary["status"] == "failed" and "non-finite" in summary["error"]
+    assert summary["status"] == "diverged" and "loss/d = nan" in summary["error"]
     ckpt = torch.load(tmp_path / "bad" / "checkpoints" / "last.ckpt", weights_only=False)
     assert ckpt["ganlab"]["g_step"] == 3  # the last good state, not the step that produced NaN
     assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())

@@ -34,14 +34,26 @@ TINY = [
     "metrics.n_samples=400",
 ]
 _COMMAND = re.compile(r"python (?:src/\w+\.py|-m ganlab[\w.]*)(?: [^`\n]*)?")
+_INSTALLED = re.compile(r"^(ganlab-(?:train|eval|generate|report))\b(.*)$")  # console scripts, in code blocks
+_SCRIPT = {"ganlab-train": "src/train.py", "ganlab-eval": "src/eval.py", "ganlab-generate": "src/generate.py",
+           "ganlab-report": "src/report.py"}  # fmt: skip
 
 
 def readme_commands() -> list[str]:
-    """Every distinct command of the README, comments and pipes stripped, in order."""
+    """Every distinct command of the README, comments and pipes stripped, in order; an installed command
+    (``ganlab-eval ...`` in a code block) is the checkout's script with the same arguments."""
     found: list[str] = []
+    in_block = False
     for line in README.read_text().splitlines():
-        for match in _COMMAND.finditer(line):
-            cmd = re.split(r"\s+#|\s*\|\s", match.group(0))[0].strip().rstrip("`")
+        if line.startswith("```"):
+            in_block = not in_block
+            continue
+        candidates = [m.group(0) for m in _COMMAND.finditer(line)]
+        installed = _INSTALLED.match(line.strip()) if in_block else None
+        if installed:
+            candidates.append(f"python {_SCRIPT[installed.group(1)]}{installed.group(2)}")
+        for text in candidates:
+            cmd = re.split(r"\s+#|\s*\|\s", text)[0].strip().rstrip("`")
             if cmd not in found:
                 found.append(cmd)
     return found
@@ -104,7 +116,14 @@ def test_every_readme_command_runs(command: str, tmp_path: Path) -> None:
         assert main([str(runs), *flags]) == 0
         assert (runs / "report.md").is_file()
         return
+    if script in ("src/eval.py", "src/generate.py"):
+        _run_on_a_saved_model(script, args, tmp_path)
+        return
     assert script == "src/train.py", command
+    if "--cfg" in args:  # prints a config, trains nothing: it must compose
+        overrides = [a for a in args if "=" in a and not a.startswith("-")]
+        assert _compose(overrides) is not None
+        return
     multirun = "-m" in args
     overrides = [a for a in args if a != "-m"]
     if any(n in command for n in NEEDS_NETWORK):
@@ -121,3 +140,21 @@ def test_every_readme_command_runs(command: str, tmp_path: Path) -> None:
         _compose(job)
     summary = _train_tiny(jobs[0], tmp_path / "run")  # ... and the first one trains
     assert summary["status"] == "completed" and summary["g_steps"] == 2, command
+
+
+def _run_on_a_saved_model(script: str, args: list[str], tmp_path: Path) -> None:
+    """``src/eval.py`` / ``src/generate.py`` on a run this test trains (its data set from the placeholder's name):
+    the placeholder becomes the run (or its checkpoint), large sample counts a small one."""
+    target, options = args[0], args[1:]
+    data = "ring8" if "ring8" in target else "digits"
+    run = tmp_path / "saved"
+    _train_tiny([f"data={data}"], run)
+    path = run / "checkpoints" / "last.ckpt" if target.endswith(".ckpt") else run
+    options = [re.sub(r"^(metrics\.n_samples)=\d+$", r"\1=400", o) for o in options]
+    options = [re.sub(r"^n=\d+$", "n=64", o) for o in options]
+    options = [f"out={tmp_path / 'generated'}" if o.startswith("out=") else o for o in options]
+    if script == "src/eval.py":
+        from ganlab.evaluate import main
+    else:
+        from ganlab.generate import main
+    assert main([str(path), *options]) == 0

@@ -155,6 +155,9 @@ def test_local_launcher_sweep_completes_and_the_report_averages_its_runs(tmp_pat
     assert len(summaries) == 4 and all(s["status"] == "completed" for s in summaries)
     assert "at most" in proc.stderr + proc.stdout  # the capped launcher ran, not submitit's uncapped one
     assert len(list((sweep / ".submitit").glob("*/*_result.pkl"))) == 4  # each job went through submitit
+    for out in (sweep / ".submitit").glob("*/*_log.out"):  # each submitit line once, not again in Hydra's format
+        text = out.read_text()
+        assert text.count("Job completed successfully") == 1 and "[submitit]" not in text, text
 
     rep = run_report(sweep)
     assert rep.returncode == 0, rep.stderr[-3000:]
@@ -179,26 +182,26 @@ def test_local_launcher_sweep_completes_and_the_report_averages_its_runs(tmp_pat
 
 
 def test_a_sweep_with_a_failing_job_goes_on_and_the_report_lists_it(tmp_path: Path) -> None:
-    # the smoke recipe drives the basic sweeper (arms x seeds from hydra.sweeper.params); lr=1e30 makes the loss
-    # non-finite, which the module turns into FloatingPointError in the second and fourth job
-    proc = run_cli(["hydra.mode=MULTIRUN", "+sweep=smoke", "seed=0", "model.optim_d.lr=0.001,1e30", *TINY], tmp_path)
+    # the smoke recipe drives the basic sweeper (arms x seeds from hydra.sweeper.params); max_loss=1e-3 makes every
+    # loss count as an explosion, so the second and fourth job diverge
+    proc = run_cli(["hydra.mode=MULTIRUN", "+sweep=smoke", "seed=0", "max_loss=1e6,1e-3", *TINY], tmp_path)
     assert proc.returncode == 1  # Hydra re-raises the first failure, after every job ran
     sweep = tmp_path / "multirun"
     statuses = {p.parent.name: json.loads(p.read_text())["status"] for p in sweep.glob("*/summary.json")}
-    assert sorted(statuses.values()) == ["completed", "completed", "failed", "failed"], statuses
+    assert sorted(statuses.values()) == ["completed", "completed", "diverged", "diverged"], statuses
 
     rep = run_report(sweep)
     assert rep.returncode == 0, rep.stderr[-3000:]
     report = json.loads((sweep / "report.json").read_text())
     failed = report["failed"]
-    assert len(failed) == 2 and all("FloatingPointError" in f["error"] for f in failed)
-    assert {f["arm"] for f in failed} == {"minimax model.optim_d.lr=1e+30", "non_saturating model.optim_d.lr=1e+30"}
+    assert len(failed) == 2 and all("beyond max_loss" in f["error"] for f in failed)
+    assert {f["arm"] for f in failed} == {"minimax max_loss=0.001", "non_saturating max_loss=0.001"}
     rows = {row["arm"]: row for row in report["datasets"]["ring8"]["arms"]}
-    assert rows["minimax model.optim_d.lr=0.001"]["n"] == 1
-    assert rows["minimax model.optim_d.lr=1e+30"]["n"] == 0 and rows["minimax model.optim_d.lr=1e+30"]["failed"] == 1
+    assert rows["minimax max_loss=1000000.0"]["n"] == 1
+    assert rows["minimax max_loss=0.001"]["n"] == 0 and rows["minimax max_loss=0.001"]["failed"] == 1
     md = (sweep / "report.md").read_text()
     section = md.split("## Failed or diverged runs", 1)[1]
-    assert section.count("FloatingPointError") == 2
+    assert section.count("beyond max_loss") >= 2  # listed with the runs (and with the sweep's jobs)
     assert "failed or diverged" in rep.stdout
 
 
@@ -253,22 +256,85 @@ def test_report_on_a_folder_without_runs_exits_2_with_one_line(folder: str) -> N
     assert "Traceback" not in proc.stderr
 
 
-def test_the_slurm_launcher_settings_render_an_sbatch_script(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(("recipe", "gpus"), [("arms_ring8", 0), ("arms_digits", 1), ("arms_grid25", 0)])
+def test_the_slurm_launcher_settings_render_an_sbatch_script(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, recipe: str, gpus: int
+) -> None:
+    from hydra_plugins.ganlab_launcher import gpus_for
+
     # no SLURM here: a stand-in srun satisfies submitit's check, then the settings take the launcher's own path
     # (hydra_submitit_launcher: base keys as they are, the others prefixed slurm_) into an sbatch script
     (tmp_path / "srun").write_text("#!/bin/sh\nexit 0\n")
     (tmp_path / "srun").chmod(0o755)
     monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
-    launcher = hydra_node(["hydra/launcher=slurm", "hydra.launcher.partition=gpu"]).launcher
+    overrides = ["hydra/launcher=slurm", "hydra.launcher.partition=gpu", f"+sweep={recipe}"]
+    hydra = hydra_node(overrides)
+    launcher = hydra.launcher
+    assert launcher._target_ == "hydra_plugins.ganlab_launcher.RecipeSlurmLauncher"
+    assert launcher.name == recipe  # the job name is the recipe's
+    assert launcher.gpus_per_node is None  # resolved per sweep from its jobs' data sets, as the launcher does:
     params = OmegaConf.to_container(launcher, resolve=False)
     for key in ("_target_", "submitit_folder", "name"):
         params.pop(key)
+    data = str(hydra.sweeper.params.data)
+    params["gpus_per_node"] = gpus_for([compose_cfg([f"data={data}", f"+sweep={recipe}"])])
+    assert params["gpus_per_node"] == gpus
     executor = submitit.AutoExecutor(
         folder=tmp_path / "jobs", cluster="slurm", slurm_max_num_timeout=params.pop("max_num_timeout")
     )
     base = set(OmegaConf.structured(BaseQueueConf).keys())
     executor.update_parameters(**{k if k in base else f"slurm_{k}": v for k, v in params.items()})
+    executor.update_parameters(name=str(launcher.name))
     script = executor._executor._make_submission_file_text("python src/train.py", "uid")
-    assert "#SBATCH --partition=gpu" in script and "#SBATCH --gpus-per-node=1" in script
+    assert "#SBATCH --partition=gpu" in script and f"#SBATCH --job-name={recipe}" in script
+    assert ("#SBATCH --gpus-per-node=1" in script) == (gpus == 1), script
     assert f"@{launcher.signal_delay_s}" in script  # the warning signal that triggers the requeue
     assert executor._executor.max_num_timeout == launcher.max_num_timeout > 0
+
+
+# ----------------------------------------------------------------------------------------------- the local pool
+
+
+def test_the_local_launcher_is_a_pool_capped_at_its_slots() -> None:
+    """Through the launcher's own scheduling function, with jobs that only sleep: never more than ``cap`` at
+    once, and a short job of the "second wave" starts while the long job of the first is still running."""
+    import threading
+    import time
+
+    from hydra_plugins.ganlab_launcher import run_pool
+
+    lengths = [0.8, 0.1, 0.1, 0.1, 0.1]
+    lock = threading.Lock()
+    running, peak = [0], [0]
+    started: dict[int, float] = {}
+    ended: dict[int, float] = {}
+
+    def job(index: int, seconds: float) -> None:
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+            started[index] = time.perf_counter()
+        time.sleep(seconds)
+        with lock:
+            running[0] -= 1
+            ended[index] = time.perf_counter()
+
+    def start(index: int, seconds: float) -> threading.Thread:
+        thread = threading.Thread(target=job, args=(index, seconds))
+        thread.start()
+        return thread
+
+    t0 = time.perf_counter()
+    handles = run_pool(lengths, 2, start, lambda t: not t.is_alive(), poll_s=0.01)
+    wall = time.perf_counter() - t0
+    assert len(handles) == 5 and not any(t.is_alive() for t in handles)
+    assert peak[0] == 2  # the cap, and every slot used
+    assert started[2] < ended[0] and started[4] < ended[0]  # short jobs did not wait for the long one
+    assert wall < 0.8 + 0.1 + 0.3  # waves would take 0.8 + 0.1 + 0.1 and leave a slot idle for 0.7 s
+
+
+def test_the_slurm_gpu_request_follows_the_data_sets_kind() -> None:
+    from hydra_plugins.ganlab_launcher import gpus_for
+
+    assert gpus_for([compose_cfg(["data=ring8"]), compose_cfg(["data=gauss1d"])]) == 0
+    assert gpus_for([compose_cfg(["data=ring8"]), compose_cfg(["data=digits"])]) == 1

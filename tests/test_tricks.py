@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from conftest import CONF, TINY, compose_cfg, run_cli
@@ -24,12 +26,56 @@ TRICKS = sorted(p.stem for p in (CONF / "tricks").glob("*.yaml"))
 ARMS = sorted(p.stem for p in (CONF / "loss").glob("*.yaml"))
 
 
+def _fit(module, g_steps: int) -> None:
+    """Train ``module`` in-process for ``g_steps`` generator steps (no logger, no callbacks)."""
+    steps = g_steps * (len(module.schedule.updates))
+    pl.Trainer(
+        max_steps=steps,
+        logger=False,
+        accelerator="cpu",
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+    ).fit(module)
+
+
+def _spy_on_backward(module) -> list[tuple[str, float]]:
+    """Record (player, value) of every loss the module back-propagates."""
+    seen: list[tuple[str, float]] = []
+    backward = module.manual_backward
+
+    def spy(loss, *args, **kwargs):
+        player = "G" if next(module.G.parameters()).requires_grad else "D"  # only the updated player's do
+        seen.append((player, loss.item()))
+        return backward(loss, *args, **kwargs)
+
+    module.manual_backward = spy
+    return seen
+
+
 def test_label_smoothing_changes_only_the_real_side_targets() -> None:
     module = build(compose_cfg([*TINY, "tricks=[label_smoothing]", "tricks.label_smoothing.alpha=0.8"]))
     assert module.real_target == 0.8
     assert build(compose_cfg(TINY)).real_target == 1.0
     with pytest.raises(ValueError):
         LabelSmoothing(alpha=1.5)
+    # the loss a D update minimises uses alpha on the real side (and only there)
+    calls = []
+    inner = module.objective.discriminator
+
+    def spy(real_logits, fake_logits, **kwargs):
+        loss, logs = inner(real_logits, fake_logits, **kwargs)
+        calls.append((real_logits.detach(), fake_logits.detach(), loss.detach()))
+        return loss, logs
+
+    module.objective.discriminator = spy
+    backward = _spy_on_backward(module)
+    _fit(module, 2)
+    assert len(calls) == 2
+    for (real, fake, loss), (_, minimised) in zip(calls, [b for b in backward if b[0] == "D"], strict=True):
+        expected = (0.8 * F.softplus(-real) + 0.2 * F.softplus(real)).mean() + F.softplus(fake).mean()
+        assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+        assert minimised == pytest.approx(expected.item(), rel=1e-6)
 
 
 def test_historical_averaging_penalty_by_hand_and_through_a_checkpoint() -> None:
@@ -51,14 +97,45 @@ def test_historical_averaging_penalty_by_hand_and_through_a_checkpoint() -> None
     assert restored.penalty("D", net).item() == pytest.approx(6.5)
     restored.after_update("D", net)  # count 3: mean (8/3, 2)
     torch.testing.assert_close(restored.mean["D"][0], torch.tensor([[8 / 3, 2.0]]))
+    # in training, what each update back-propagates is its objective plus the penalty
+    module = build(compose_cfg([*TINY, "tricks=[historical_averaging]", "tricks.historical_averaging.weight=50"]))
+    objective = module.objective
+    inner_d, inner_g = objective.discriminator, objective.generator
+    values: list[float] = []
+    objective.discriminator = lambda *a, **k: _record(values, inner_d(*a, **k))
+    objective.generator = lambda *a, **k: _record(values, inner_g(*a, **k))
+    backward = _spy_on_backward(module)
+    _fit(module, 3)
+    trick = module.tricks[0]
+    assert len(values) == len(backward) == 6
+    penalties = [minimised - value for (_, minimised), value in zip(backward, values, strict=True)]
+    assert penalties[:2] == [0.0, 0.0]  # each player's first update: theta equals its own history
+    assert all(p > 1e-6 for p in penalties[2:])  # later ones pay for drifting
+    d_now = trick.penalty("D", module.D).item()  # after the last D update the running mean moved on: > 0
+    assert d_now > 0
+
+
+def _record(values: list[float], result):
+    values.append(result[0].item())
+    return result
 
 
 def test_historical_average_survives_a_checkpoint_round_trip(tmp_path: Path) -> None:
-    common = [*TINY, "tricks=[historical_averaging]", "ckpt_every=3", "seed=1", "model.lr_decay=none"]
+    common = [
+        *TINY,
+        "tricks=[historical_averaging]",
+        "tricks.historical_averaging.weight=10",
+        "ckpt_every=3",
+        "seed=1",
+        "model.lr_decay=none",
+    ]
     full = train(compose_cfg([*common, "max_steps=6"]), tmp_path / "full")
     train(compose_cfg([*common, "max_steps=3"]), tmp_path / "a")
     resumed = train(compose_cfg([*common, "max_steps=6", f"resume={tmp_path / 'a'}"]), tmp_path / "b")
     assert resumed["final"] == full["final"]  # the penalty after resuming uses the restored running mean
+    assert full["final"]["penalty/d"] > 0 and full["final"]["penalty/g"] > 0
+    plain = train(compose_cfg([c for c in common if not c.startswith("tricks")] + ["max_steps=6"]), tmp_path / "p")
+    assert plain["final"]["loss/d"] != full["final"]["loss/d"]  # the penalty changed the updates
     ckpt = torch.load(tmp_path / "b" / "checkpoints" / "last.ckpt", weights_only=True)
     state = ckpt["ganlab"]["tricks"][0]
     assert state["count"] == {"D": 7, "G": 7}
@@ -84,31 +161,63 @@ def test_virtual_batch_norm_output_does_not_depend_on_the_rest_of_the_batch(net:
     zb = torch.randn(6, 4)
     assert not torch.allclose(bn(zb[:2])[0], bn(zb)[0], atol=1e-4)
     assert "z_ref" in dict(g.named_buffers())  # fixed at the start and saved with the weights
+    # the output by hand (Salimans et al. §3.5): statistics of the reference batch R (N examples) combined with the
+    # example's own, weighted 1/(N + 1): mu = (N mu_R + x) / (N + 1), E[x^2] = (N E_R[x^2] + x^2) / (N + 1)
+    first = bare.stem[:2] if net == "dcgan" else bare.net[:1]  # everything before the first normalisation
+    vbn = bare.stem[2] if net == "dcgan" else bare.net[1]
+    with torch.no_grad():
+        h_ref, h = first(g.z_ref), first(z)
+        dims = (0, 2, 3) if net == "dcgan" else (0,)
+        own = (2, 3) if net == "dcgan" else ()
+        n = len(h_ref)
+        mu_x = h.mean(dim=own, keepdim=True) if own else h
+        sq_x = h.pow(2).mean(dim=own, keepdim=True) if own else h.pow(2)
+        mu = (n * h_ref.mean(dim=dims, keepdim=True) + mu_x) / (n + 1)
+        sq = (n * h_ref.pow(2).mean(dim=dims, keepdim=True) + sq_x) / (n + 1)
+        expected = (h - mu) / torch.sqrt(sq - mu**2 + vbn.eps)
+        g(z)  # refreshes the reference statistics, then normalises z
+        got = []
+        handle = vbn.register_forward_hook(lambda mod, args, out: got.append(out))
+        g(z)
+        handle.remove()
+    shape = (1, -1, 1, 1) if net == "dcgan" else (1, -1)
+    expected = expected * vbn.weight.detach().view(shape) + vbn.bias.detach().view(shape)
+    torch.testing.assert_close(got[-1], expected, atol=1e-5, rtol=1e-4)
+
+
+def test_virtual_batch_norm_reference_batch_comes_from_the_configured_prior() -> None:
+    module = build(compose_cfg([*TINY, "tricks=[virtual_batch_norm]", "model.noise=uniform", "model.z_dim=4"]))
+    z_ref = module.G.z_ref
+    assert z_ref.shape == (64, 4)
+    assert z_ref.min() >= -1.0 and z_ref.max() <= 1.0  # U[-1, 1], not N(0, 1)
+    assert z_ref.abs().max() > 0.9 and z_ref.std() < 0.7  # and spread like it (U[-1, 1] has std 0.58)
+    normal = build(compose_cfg([*TINY, "tricks=[virtual_batch_norm]", "model.z_dim=4"])).G.z_ref
+    assert normal.abs().max() > 1.0
 
 
 def test_minibatch_discrimination_after_two_layers_builds_and_trains(tmp_path: Path) -> None:
+    common = ["logger=csv", "tricks=[minibatch_discrimination]", "max_steps=3", "batch_size=8", "sample_every=3"]
     cfg = compose_cfg(
         [
-            "data=digits",
-            "logger=csv",
-            "tricks=[minibatch_discrimination]",
-            "max_steps=3",
-            "batch_size=8",
+            *common,
+            "data=ring8",
             "tricks.minibatch_discrimination.layers=[0,1]",
             "tricks.minibatch_discrimination.n_kernels=6",
-            "sample_every=3",
-            "ckpt_every=3",
         ]
     )
     module = build(cfg)
     assert sorted(module.D.inserted.keys()) == ["0", "1"]
-    before = module.D.inserted["0"][0].T.detach().clone()
-    summary = train(cfg, tmp_path / "run")
-    assert summary["status"] == "completed"
+    assert module.D.blocks[1][0].in_features == 128 + 6  # block 1 sees block 0's 128 units plus B features
+    assert train(cfg, tmp_path / "mlp")["status"] == "completed"
+    # a conv D: the layer flattens, so it follows the last block and the head sees c*4*4 + B flat features
+    cfg = compose_cfg([*common, "data=digits", "tricks.minibatch_discrimination.n_kernels=6", "ckpt_every=3"])
+    module = build(cfg)
+    layer = module.D.inserted[str(len(module.D.blocks) - 1)][0]
+    assert layer.T.shape == (128 * 4 * 4, 6, 5) and module.D.head[-1].in_features == 128 * 4 * 4 + 6
+    assert train(cfg, tmp_path / "conv")["status"] == "completed"
     mbd = LayerInsert([0, 1], lambda a: MinibatchDiscrimination(a, n_kernels=6, kernel_dim=3))
-    d = DCGANDiscriminator((1, 8, 8), width=8, inserts=[mbd])
-    assert d.blocks[1][0].in_channels == 8 + 6  # block 1 sees block 0's channels plus B similarity channels
-    assert before.shape == (64 * 64, 6 * 5)
+    with pytest.raises(ValueError, match="only follow the last hidden block"):
+        DCGANDiscriminator((1, 8, 8), width=8, inserts=[mbd])
 
 
 def test_feature_matching_over_two_layers_is_the_sum_of_the_single_layer_losses() -> None:
@@ -171,3 +280,60 @@ def test_gauss1d_demo_writes_frames_and_an_animated_gif(tmp_path: Path) -> None:
     assert [f.name for f in frames] == [f"step_{s:07d}.png" for s in (4, 8, 12, 16, 20)]
     with Image.open(tmp_path / "run" / "samples" / "demo.gif") as gif:
         assert gif.is_animated and gif.n_frames == 5
+
+
+def _g_losses(module) -> list[float]:
+    """Record the value of every G objective the module evaluates."""
+    values: list[float] = []
+    inner = module.objective.generator
+    module.objective.generator = lambda *a, **k: _record(values, inner(*a, **k))
+    return values
+
+
+def test_feature_matching_sees_a_shifted_cloud_through_batch_norm_in_d() -> None:
+    """Separate train-mode passes let batch norm re-centre real and fake each: a fake cloud 20 units from the data
+    then cost ~0.08 in feature matching against ~100 without batch norm. One joint pass sees it."""
+    losses = {}
+    for tricks in ("[]", "[batch_norm_d]"):
+        torch.manual_seed(0)
+        cfg = [*TINY, "loss=feature_matching", f"tricks={tricks}", "batch_size=256", "model.discriminator.width=128"]
+        module = build(compose_cfg(cfg))
+        with torch.no_grad():
+            module.G.net[-1].bias.add_(torch.tensor([20.0, 0.0]))  # every fake lands ~20 units right of the ring
+        values = _g_losses(module)
+        _fit(module, 1)
+        losses[tricks] = values[0]
+    assert losses["[]"] > 10
+    assert losses["[batch_norm_d]"] > 0.2 * losses["[]"]  # same order as without batch norm, not ~1e-3 of it
+
+
+def test_d_batch_norm_statistics_come_from_real_batches_only() -> None:
+    for loss in ("non_saturating", "feature_matching"):
+        module = build(compose_cfg([*TINY, "tricks=[batch_norm_d]", f"loss={loss}", "d_steps=2"]))
+        bns = [m for m in module.D.modules() if isinstance(m, nn.BatchNorm1d)]
+        assert bns
+        with torch.no_grad():
+            module.G.net[-1].bias.add_(100.0)  # fakes far away: any fake pass would drag the running mean
+        _fit(module, 3)
+        assert module.d_updates == 6
+        # one update per D step's real pass: not the fake pass, not the G step's passes
+        assert all(int(bn.num_batches_tracked) == module.d_updates for bn in bns)
+        assert bns[0].running_mean.abs().max() < 5.0
+
+
+def test_equilibrium_runs_d_in_training_size_chunks() -> None:
+    """eval/D(x_test) must not depend on how many examples are evaluated at once (minibatch discrimination)."""
+    from ganlab.metrics.callback import Evaluation
+
+    module = build(compose_cfg([*TINY, "tricks=[minibatch_discrimination]", "batch_size=16"]))
+    module.D.train()(module.real_batch(torch.arange(16)))  # the layer's data-dependent start
+    fake = module.sample(64, seed=1)
+    values = Evaluation(eval_every=10).equilibrium(module, fake)
+    real = module.data.to_model(module.data.test_x[:64])
+    with torch.no_grad():
+        module.D.eval()
+        chunked = torch.cat([torch.sigmoid(module.D(part)[0]) for part in real.split(16)])
+        whole = torch.sigmoid(module.D(real)[0])
+        module.D.train()
+    assert values["eval/D(x_test)"] == pytest.approx(chunked.mean().item(), rel=1e-6)
+    assert values["eval/D(x_test)"] != pytest.approx(whole.mean().item(), rel=1e-6)

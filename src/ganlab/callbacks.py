@@ -4,6 +4,7 @@ Evaluation is :class:`ganlab.metrics.callback.Evaluation` (the ``metrics`` confi
 
 from __future__ import annotations
 
+import signal
 import sys
 import time
 from pathlib import Path
@@ -12,10 +13,11 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import WandbLogger
-from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+from ganlab.checkpoint import all_finite
+from ganlab.errors import Diverged, Interrupted
 from ganlab.tasks.gan import GANModule
-from ganlab.util import eval_mode, is_due
+from ganlab.util import chunked, eval_mode, is_due, log_to_all
 
 
 def _due(module: GANModule, every: int) -> bool:
@@ -73,22 +75,28 @@ def _scatter(module: GANModule, samples: torch.Tensor, ax: Any) -> None:
 
 @torch.no_grad()
 def _figure1(module: GANModule, samples: torch.Tensor, ax: Any) -> None:
-    """Goodfellow et al. 2014, Figure 1: p_data (black, dotted), p_g (green) and D(x) (blue, dashed)."""
+    """Goodfellow et al. 2014, Figure 1: p_data (black, dotted), p_g (green) and D(x) (blue, dashed).
+
+    The axes fit what they draw: x covers p_data's +-4 std and all but the outer 0.1 % of the samples; y runs to
+    the highest of the histogram, the pdf and D(x)'s range [0, 1]. D runs in eval mode in chunks of the training
+    batch size (its view of a point must not depend on the 400 grid points around it)."""
     data = module.data
     lo, hi = data.mean - 4 * data.std, data.mean + 4 * data.std
     fake = samples.float().cpu().squeeze(1)
-    lo, hi = min(lo, float(fake.quantile(0.01))), max(hi, float(fake.quantile(0.99)))
+    lo, hi = min(lo, float(fake.quantile(0.001))), max(hi, float(fake.quantile(0.999)))
     grid = torch.linspace(lo, hi, 400)
     pdf = torch.exp(-0.5 * ((grid - data.mean) / data.std) ** 2) / (data.std * (2 * torch.pi) ** 0.5)
     with eval_mode(module.D):
-        logits, _ = module.D(grid[:, None].to(module.device))
+        logits = chunked(lambda x: module.gan_logit(module.D(x)[0]), grid[:, None].to(module.device), module.batch_size)
     d_of_x = torch.sigmoid(logits).cpu()
     ax.plot(grid, pdf, "k:", lw=2, label="p_data")
-    ax.hist(fake.numpy(), bins=80, range=(lo, hi), density=True, color="tab:green", alpha=0.5, label="p_g")
+    heights, _, _ = ax.hist(
+        fake.numpy(), bins=80, range=(lo, hi), density=True, color="tab:green", alpha=0.5, label="p_g"
+    )
     ax.plot(grid, d_of_x, "b--", lw=2, label="D(x)")
     ax.axhline(0.5, color="0.6", lw=0.8)
     ax.set_xlim(lo, hi)
-    ax.set_ylim(0, max(1.05, float(pdf.max()) * 1.1))
+    ax.set_ylim(0, 1.05 * max(1.0, float(heights.max()), float(pdf.max())))
 
 
 def save_gif(frames: list[Path], path: Path, ms_per_frame: int = 150) -> None:
@@ -105,7 +113,8 @@ class SampleGrid(pl.Callback):
     logged to W&B as ``samples``.
 
     Data sets with a ``frames`` attribute (the 1-D demo) get at least that many frames per run and, at the end,
-    ``samples/demo.gif``, also logged to W&B.
+    ``samples/demo.gif``, also logged to W&B; those with a ``frame_metrics(samples)`` method (the 1-D demo's
+    Kolmogorov-Smirnov distance to p_data, ``ks5k``) have it logged at every frame, at the generator step.
     """
 
     def __init__(self, run_dir: Path, every: int) -> None:
@@ -124,8 +133,14 @@ class SampleGrid(pl.Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, module: GANModule, *args: Any) -> None:
         if _due(module, self.every) and trainer.is_global_zero:
             path = self.dir / f"step_{module.g_step:07d}.png"
-            save_preview(module, module.sample(z=module.fixed_z), path)
+            samples = module.sample(z=module.fixed_z)
+            save_preview(module, samples, path)
             self._log(trainer, "samples", path, module.g_step)
+            frame_metrics = getattr(module.data, "frame_metrics", None)  # the 1-D demo: p_g's distance to p_data
+            if frame_metrics is not None:
+                values = frame_metrics(samples)
+                module.last_logged.update(values)
+                log_to_all(trainer.loggers, values, module.g_step)
 
     def on_train_end(self, trainer: pl.Trainer, module: GANModule) -> None:
         if getattr(module.data, "frames", None) and trainer.is_global_zero:
@@ -137,29 +152,91 @@ class SampleGrid(pl.Callback):
 
 
 class PeriodicCheckpoint(pl.Callback):
-    """``checkpoints/last.ckpt`` every ``every`` generator steps, at the end, and on SIGTERM (preemption).
+    """``checkpoints/last.ckpt`` every ``every`` generator steps and at the end, with the run's fingerprint (the
+    settings a resume must share, :func:`ganlab.checkpoint.fingerprint`).
 
-    It never saves after a non-finite loss (``assert_finite`` raises first), so ``last.ckpt`` is always the
-    last good state.
+    It never saves a broken state: a non-finite loss since the last check (``assert_finite``) or a non-finite
+    parameter or optimizer state raises :class:`~ganlab.errors.Diverged` instead, so ``last.ckpt`` is always the
+    last good state. The write is atomic (a kill while saving leaves the previous ``last.ckpt``), and a failed
+    write leaves no temporary file.
     """
 
-    def __init__(self, run_dir: Path, every: int) -> None:
-        self.path, self.every = Path(run_dir) / "checkpoints" / "last.ckpt", every
+    def __init__(self, run_dir: Path, every: int, fingerprint: dict[str, Any] | None = None) -> None:
+        self.path, self.every, self.fingerprint = Path(run_dir) / "checkpoints" / "last.ckpt", every, fingerprint
+        self.saved_step: int | None = None  # the generator step of the newest last.ckpt written by this run
 
     def save(self, trainer: pl.Trainer, module: GANModule) -> None:
         module.assert_finite()
+        if not all_finite([module.G, module.D], list(trainer.optimizers)):
+            raise Diverged(
+                f"diverged at generator step {module.g_step}: non-finite weights or optimizer state "
+                "(not saved; last.ckpt is the last good state)",
+                module.g_step,
+            )
         tmp = self.path.with_suffix(".tmp")
-        trainer.save_checkpoint(tmp)
-        if trainer.is_global_zero:
-            tmp.replace(self.path)  # atomic: a kill during saving leaves the previous last.ckpt intact
+        try:
+            trainer.save_checkpoint(tmp)
+            if trainer.is_global_zero:
+                tmp.replace(self.path)  # atomic: a kill during saving leaves the previous last.ckpt intact
+        finally:
+            tmp.unlink(missing_ok=True)
+        self.saved_step = module.g_step
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, module: GANModule, checkpoint: dict[str, Any]) -> None:
+        if self.fingerprint is not None:
+            checkpoint["ganlab_fingerprint"] = self.fingerprint
 
     def on_train_batch_end(self, trainer: pl.Trainer, module: GANModule, *args: Any) -> None:
         if _due(module, self.every):
             self.save(trainer, module)
 
-    def on_exception(self, trainer: pl.Trainer, module: GANModule, exception: BaseException) -> None:
-        if isinstance(exception, SIGTERMException):
-            self.save(trainer, module)
+
+class Preemption(pl.Callback):
+    """SIGTERM and SIGUSR2 (what SLURM sends before a time limit or a preemption) stop the run *between*
+    generator steps: the checkpoint of the step they arrived at is written, then
+    :class:`~ganlab.errors.Interrupted` ends the run (exit code 3, ``status: interrupted``).
+
+    The handlers installed before ours (submitit's requeue on USR2) are kept in ``previous``; the pipeline calls
+    them once the run's record is written. Lightning's own SIGTERM handler is replaced at train start: it would
+    raise mid-loop, before the step's checkpoint.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
+
+    def __init__(self, checkpoint: PeriodicCheckpoint) -> None:
+        self.checkpoint = checkpoint
+        self.signum: int | None = None
+        self.previous: dict[int, Any] = {}
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        self.signum = signum
+
+    def install(self) -> None:
+        """Catch the signals (first call: remember the handlers that were there)."""
+        for sig in self.SIGNALS:
+            current = signal.getsignal(sig)
+            if sig not in self.previous:
+                self.previous[sig] = current
+            signal.signal(sig, self._handler)
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+
+    def _stop_if_asked(self, trainer: pl.Trainer, module: GANModule) -> None:
+        if self.signum is None:
+            return
+        if self.checkpoint.saved_step != module.g_step:
+            self.checkpoint.save(trainer, module)
+        name = signal.Signals(self.signum).name
+        raise Interrupted(f"{name} at generator step {module.g_step}", self.signum, module.g_step)
+
+    def on_train_start(self, trainer: pl.Trainer, module: GANModule) -> None:
+        self.install()
+        self._stop_if_asked(trainer, module)  # a signal during start-up stops at the step training starts from
+
+    def on_train_batch_end(self, trainer: pl.Trainer, module: GANModule, *args: Any) -> None:
+        self._stop_if_asked(trainer, module)
 
 
 class StepProgress(pl.Callback):
@@ -187,8 +264,8 @@ class StepProgress(pl.Callback):
                 self.bar.set_postfix(self._fields(module), refresh=False)
         elif _due(module, self.print_every):
             rate = (module.g_step - self.step0) / max(time.perf_counter() - self.t0, 1e-9)
-            fields = " ".join(f"{k} {v}" for k, v in self._fields(module).items())
-            print(f"[G step {module.g_step}/{module.max_steps}] {fields} | {rate:.1f} G steps/s", flush=True)
+            fields = "".join(f"{k} {v} " for k, v in self._fields(module).items())  # none before the first log
+            print(f"[G step {module.g_step}/{module.max_steps}] {fields}| {rate:.1f} G steps/s", flush=True)
 
     @staticmethod
     def _fields(module: GANModule) -> dict[str, str]:

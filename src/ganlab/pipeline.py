@@ -6,7 +6,9 @@ The run folder (Hydra's working directory for the job) receives ``config.yaml`` 
 
 from __future__ import annotations
 
+import errno
 import logging
+import signal
 import time
 import warnings
 from collections.abc import Mapping
@@ -19,36 +21,82 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import WandbLogger
+from pytorch_lightning.plugins.environments import SLURMEnvironment
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
-from ganlab.callbacks import PeriodicCheckpoint, SampleGrid, StepProgress
+from ganlab.callbacks import PeriodicCheckpoint, Preemption, SampleGrid, StepProgress
+from ganlab.checkpoint import check_compatible, fingerprint, read_checkpoint_step
+from ganlab.checkpoint import load as load_checkpoint
 from ganlab.data import describe
-from ganlab.errors import UserError
-from ganlab.record import RunRecord, resolve_resume
+from ganlab.errors import Diverged, Interrupted, UserError
+from ganlab.record import RunRecord, read_json, resolve_resume
 from ganlab.tasks.gan import GANModule
-from ganlab.tracking import finish_wandb, make_loggers
+from ganlab.tracking import Logging, dashboard_config, finish_wandb, make_loggers
 from ganlab.tricks.base import Trick, network_args
+
+# keys of the trainer node the pipeline sets itself (in generator steps or from the run folder)
+_PIPELINE_TRAINER_KEYS = ("max_steps", "max_epochs", "logger", "callbacks", "default_root_dir", "enable_checkpointing")
+_WANDB_MODES = ("auto", "online", "offline", "disabled")
+
+
+def _positive_int(key: str, value: Any, *, zero: bool = False) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < (0 if zero else 1):
+        what = "a non-negative integer" if zero else "a positive integer"
+        raise UserError(f"{key} must be {what} (got {value!r})")
+
+
+def _number(key: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise UserError(f"{key} must be a number (got {value!r})")
+    return float(value)
 
 
 def validate(cfg: DictConfig) -> None:
-    """Reject settings that would fail late or train nonsense, with a one-line reason."""
-
-    def positive_int(key: str, value: Any) -> None:
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise UserError(f"{key} must be a positive integer (got {value!r})")
-
+    """Reject settings that would fail late or train nonsense, with a one-line reason naming the key (nothing
+    is written before this passes)."""
+    _positive_int("seed", cfg.seed, zero=True)
     for key in ("d_steps", "max_steps", "log_every", "sample_every", "ckpt_every"):
-        positive_int(key, cfg[key])
+        _positive_int(key, cfg[key])
     if cfg.batch_size is not None:
-        positive_int("batch_size", cfg.batch_size)
+        _positive_int("batch_size", cfg.batch_size)
+    max_loss = _number("max_loss", cfg.get("max_loss", 1e6))
+    if not max_loss > 0:
+        raise UserError(f"max_loss must be > 0 (got {max_loss})")
     if cfg.metrics is not None:
         metrics_callback(cfg)  # its constructor checks the metrics keys: fail before any data is loaded
     for player in ("optim_g", "optim_d"):
         opt = cfg.model[player]
-        if not float(opt.lr) > 0:
-            raise UserError(f"model.{player}.lr must be > 0 (got {opt.lr})")
+        lr = _number(f"model.{player}.lr", opt.lr)
+        if not 0 < lr <= 1:  # Adam steps of more than one unit per step only ever explode
+            raise UserError(f"model.{player}.lr must be in (0, 1] (got {opt.lr})")
         betas = list(opt.betas)
-        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+        if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in betas):
             raise UserError(f"model.{player}.betas must be two numbers in [0, 1) (got {betas})")
+    if cfg.model.get("threads") is not None:
+        _positive_int("model.threads", cfg.model.threads)
+    trainer = cfg.trainer
+    for key in _PIPELINE_TRAINER_KEYS:
+        if key in trainer:
+            raise UserError(f"trainer.{key} is set by the pipeline (budgets count generator steps: use max_steps=)")
+    for key in ("devices", "num_nodes"):
+        value = trainer.get(key, 1)
+        if value not in (1, "1", "auto"):
+            raise UserError(f"trainer.{key}={value}: one device per run for now (sweep over runs instead)")
+    precision = str(trainer.get("precision", "32-true"))
+    if precision not in ("32-true", "32", "16-mixed", "bf16-mixed", "bf16-true", "64-true", "64"):
+        raise UserError(f"trainer.precision must be 32-true, 16-mixed, bf16-mixed or bf16-true (got {precision})")
+    accelerator = str(trainer.get("accelerator", "auto"))
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise UserError(f"trainer.accelerator={accelerator} but this machine has no CUDA GPU (use auto or cpu)")
+    if accelerator not in ("auto", "cpu", "gpu", "cuda", "mps"):
+        raise UserError(f"trainer.accelerator must be auto, cpu, gpu or mps (got {accelerator})")
+    wandb = cfg.logger.get("wandb")
+    if wandb is not None and str(wandb.mode) not in _WANDB_MODES:
+        raise UserError(f"logger.wandb.mode must be one of {', '.join(_WANDB_MODES)} (got {wandb.mode})")
+    missing = OmegaConf.missing_keys(cfg)
+    if missing:
+        key = sorted(missing)[0]
+        raise UserError(f"{key} is required (set {key}=...)")
 
 
 def build(cfg: DictConfig) -> GANModule:
@@ -97,6 +145,7 @@ def _build(cfg: DictConfig) -> GANModule:
         tricks=tricks,
         noise=cfg.model.noise,
         lr_decay=cfg.model.lr_decay,
+        max_loss=cfg.get("max_loss", 1e6),
         _recursive_=False,
     )
 
@@ -111,71 +160,170 @@ def metrics_callback(cfg: DictConfig) -> pl.Callback:
         raise
 
 
-def callbacks(cfg: DictConfig, run_dir: Path) -> list[pl.Callback]:
+def callbacks(cfg: DictConfig, run_dir: Path, fingerprint: dict[str, Any] | None = None) -> list[pl.Callback]:
     """Sample grids, evaluation (before the checkpoint, so a checkpoint follows its evaluation), checkpoints,
-    progress. ``metrics=none`` makes ``cfg.metrics`` null: no evaluation."""
+    preemption (after them: a signal stops the run once the step's work is saved), progress. ``metrics=none``
+    makes ``cfg.metrics`` null: no evaluation."""
     out: list[pl.Callback] = [SampleGrid(run_dir, cfg.sample_every)]
     if cfg.metrics is not None:
         out.append(metrics_callback(cfg))
-    return [*out, PeriodicCheckpoint(run_dir, cfg.ckpt_every), StepProgress()]
+    checkpoint = PeriodicCheckpoint(run_dir, cfg.ckpt_every, fingerprint)
+    return [*out, checkpoint, Preemption(checkpoint), StepProgress()]
+
+
+# training scalars and D's view of the equilibrium: diagnostics, not results (the final line leaves them out)
+_DIAGNOSTIC = ("loss/", "penalty/", "grad_norm/", "lr/", "D(", "eval/", "ssl/train_", "step/")
+
+
+def final_line(final: Mapping[str, float]) -> str:
+    """The one line a finished run prints: its evaluation results (or, without evaluation, its losses)."""
+    results = {k: v for k, v in final.items() if not k.startswith(_DIAGNOSTIC) and not k.endswith("_std")}
+    shown = results or {k: v for k, v in final.items() if k in ("loss/d", "loss/g")}
+    return "final: " + (", ".join(f"{k} {v:.4g}" for k, v in sorted(shown.items())) or "no metrics")
 
 
 def _quiet_lightning() -> None:
     """Keep the console to our progress lines: Lightning's tips, checkpoint-loading notes and the CSV logger's
     "directory not empty" warning (the run folder always holds config.yaml first) say nothing actionable."""
-    for name in ("pytorch_lightning.utilities.rank_zero", "pytorch_lightning.trainer.connectors.checkpoint_connector"):
+    for name in (
+        "pytorch_lightning.utilities.rank_zero",
+        "pytorch_lightning.trainer.connectors.checkpoint_connector",
+        "pytorch_lightning.trainer.connectors.signal_connector",
+        "matplotlib",  # its font-cache note on first use
+    ):
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*Experiment logs directory.*exists and is not empty.*")
     warnings.filterwarnings("ignore", message=".*isinstance.treespec, LeafSpec.*")
 
 
+def _writable(run_dir: Path) -> None:
+    """Fail in one line when the run folder cannot be created or written (before anything else is)."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"run folder {run_dir} is not writable ({exc.strerror or exc})") from None
+
+
+def _resume_point(cfg: DictConfig, run_dir: Path, previous: Mapping[str, Any]) -> tuple[Path | None, dict | None]:
+    """The checkpoint to resume from and its contents, or ``(None, None)`` for a fresh run; refuses what would
+    lose or fake a record (a fresh run over an existing one, a budget below the checkpoint's step)."""
+    ckpt = resolve_resume(cfg.resume, run_dir)
+    if ckpt is None:
+        if previous and cfg.resume in (None, ""):
+            raise UserError(
+                f"{run_dir} already holds a run ({previous.get('status', 'unknown')}): resume=auto continues it, "
+                "another folder starts a new one"
+            )
+        return None, None
+    state = load_checkpoint(ckpt)
+    step = int(state["ganlab"]["g_step"])
+    if step > cfg.max_steps:
+        raise UserError(f"max_steps={cfg.max_steps} is below the checkpoint's generator step {step} ({ckpt})")
+    return ckpt, state
+
+
+def _finish_signal(exc: Interrupted, previous: Mapping[int, Any]) -> None:
+    """Hand a preemption signal on to the handler that was there before ours (submitit requeues the job on USR2)."""
+    handler = previous.get(exc.signum)
+    if callable(handler) and exc.signum == signal.SIGUSR2:
+        handler(exc.signum, None)
+
+
 def train(cfg: DictConfig, run_dir: Path, *, identity: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Train one run into ``run_dir`` and return its summary (also written to ``summary.json``, see
-    :class:`ganlab.record.RunRecord`)."""
+    :class:`ganlab.record.RunRecord`).
+
+    A finished run is never trained or rewritten again: re-running it (``resume=auto``, what a requeued cluster job
+    passes) says it is complete and changes no file; ``resume=<run> max_steps=<more>`` extends it. A resumed run
+    keeps its metric history and its W&B run. SIGTERM/SIGUSR2 write the checkpoint of the current step and end
+    with ``status: interrupted``; a diverging loss ends with ``status: diverged`` and leaves ``last.ckpt`` at the
+    last good state.
+    """
     t0 = time.time()
     _quiet_lightning()
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    validate(cfg)  # nothing is written for bad input
+    previous = read_json(run_dir / "summary.json")
+    ckpt, state = _resume_point(cfg, run_dir, previous)
+    if state is not None and int(state["ganlab"]["g_step"]) == cfg.max_steps:
+        same_folder = ckpt.parent.parent.resolve() == run_dir.resolve()
+        if same_folder and previous.get("status") == "completed":
+            print(f"run already complete ({cfg.max_steps} generator steps): {run_dir}", flush=True)
+            return previous
+        raise UserError(
+            f"the checkpoint is already at max_steps={cfg.max_steps}: nothing to train (raise max_steps to extend "
+            "the run, or evaluate it with src/eval.py)"
+        )
+    _writable(run_dir)
     record = RunRecord(run_dir, seed=cfg.seed, **(identity or {}), run_dir=str(run_dir))
     loggers: list = []
+    preemption: Preemption | None = None
+    interrupted: Interrupted | None = None
     try:
-        validate(cfg)
-        ckpt = resolve_resume(cfg.resume, run_dir)
         if ckpt is not None:
-            record.update(resumed_from=str(ckpt))
-            record.adopt_previous(ckpt)
+            record.resume_from(ckpt, int(state["ganlab"]["g_step"]))
         record.save()
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
         if cfg.model.get("threads"):
             torch.set_num_threads(int(cfg.model.threads))
         pl.seed_everything(cfg.seed, workers=False, verbose=False)
         module = build(cfg)
+        current = fingerprint(cfg, module.batch_size)
+        if state is not None:
+            check_compatible(state, current, ckpt)
         record.update(data=describe(module.data))  # how the data set is judged and previewed (the report reads it)
-        run_config = OmegaConf.to_container(cfg, resolve=True)
-        run_config["identity"] = dict(identity or {})
-        loggers = make_loggers(cfg.logger, run_dir, run_config, wandb_id=record.previous.get("wandb_id"))
+        n_params = {f"params/{name.lower()}": sum(p.numel() for p in net.parameters()) for name, net in
+                    (("G", module.G), ("D", module.D))}  # fmt: skip
+        record.update(**n_params)
+        run_config = dashboard_config(OmegaConf.to_container(cfg, resolve=True), dict(identity or {}), **n_params)
+        said = Logging()
+        history = None
+        if ckpt is not None and ckpt.parent.parent.resolve() != run_dir.resolve():
+            history = ckpt.parent.parent / "metrics.csv"  # resumed into a new folder: start from the source's rows
+        loggers = make_loggers(
+            cfg.logger,
+            run_dir,
+            run_config,
+            wandb_id=record.previous.get("wandb_id"),
+            keep_until=int(state["ganlab"]["g_step"]) if state is not None else None,
+            history=history,
+            said=said,
+        )
         for logger in loggers:
             if isinstance(logger, WandbLogger):
                 record.update(wandb_id=logger.experiment.id, wandb_dir=getattr(logger.experiment, "dir", None))
         record.save()
-        cbs = callbacks(cfg, run_dir)
-        trainer = pl.Trainer(
-            **OmegaConf.to_container(cfg.trainer, resolve=True),
-            # under manual optimisation Lightning's global_step advances once per optimizer step
-            max_steps=cfg.max_steps * module.schedule.optimizer_steps,
-            logger=loggers or False,
-            callbacks=cbs,
-            default_root_dir=str(run_dir),
-            enable_progress_bar=False,
-            enable_checkpointing=False,
-            enable_model_summary=False,
-            num_sanity_val_steps=0,
-            log_every_n_steps=1,
-        )
+        cbs = callbacks(cfg, run_dir, current)
+        preemption = next(cb for cb in cbs if isinstance(cb, Preemption))
+        preemption.install()  # a signal from here on stops the run at a step boundary, with a checkpoint
+        try:
+            trainer = pl.Trainer(
+                **OmegaConf.to_container(cfg.trainer, resolve=True),
+                # under manual optimisation Lightning's global_step advances once per optimizer step
+                max_steps=cfg.max_steps * module.schedule.optimizer_steps,
+                logger=loggers or False,
+                callbacks=cbs,
+                default_root_dir=str(run_dir),
+                enable_progress_bar=False,
+                enable_checkpointing=False,
+                enable_model_summary=False,
+                num_sanity_val_steps=0,
+                log_every_n_steps=1,
+                # submitit requeues preempted jobs; Lightning's own SLURM auto-requeue would be a second mechanism
+                plugins=[SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else None,
+            )
+        except (ValueError, MisconfigurationException) as exc:
+            raise UserError(f"trainer: {str(exc).splitlines()[0]}") from None
         device = trainer.strategy.root_device.type
-        print(f"training {cfg.max_steps} generator steps on {device}, run folder: {run_dir}", flush=True)
+        start = f"from generator step {state['ganlab']['g_step']} " if state is not None else ""
+        print(
+            f"training {cfg.max_steps} generator steps {start}on {device} in {run_dir}, logging to {said}", flush=True
+        )
         t_fit = time.time()
-        trainer.fit(module, ckpt_path=str(ckpt) if ckpt else None)
+        trainer.fit(module, ckpt_path=str(ckpt) if ckpt else None, weights_only=True)
         record.update(
             status="completed",
             g_steps=module.g_step,
@@ -185,11 +333,37 @@ def train(cfg: DictConfig, run_dir: Path, *, identity: Mapping[str, Any] | None 
             train_time_s=round(time.time() - t_fit, 2),
             eval_time_s=round(sum(getattr(cb, "seconds", 0.0) for cb in cbs), 2),
         )
+        print(final_line(record["final"]), flush=True)
+    except Interrupted as exc:
+        interrupted = exc
+        record.update(
+            status="interrupted",
+            g_steps=exc.step,
+            error=str(exc),
+            resume=f"checkpoint at generator step {exc.step}: rerun with resume=auto (this folder) or resume={run_dir}",
+        )
+        raise Interrupted(
+            f"{exc}: checkpoint written; continue with resume=auto or resume={run_dir}", exc.signum, exc.step
+        ) from None
+    except Diverged as exc:
+        good = read_checkpoint_step(run_dir / "checkpoints" / "last.ckpt")
+        where = f"last good checkpoint: generator step {good}" if good is not None else "no checkpoint was written"
+        record.update(status="diverged", g_steps=exc.step, error=str(exc))
+        raise Diverged(f"{exc}; {where}", exc.step) from None
     except BaseException as exc:
-        record.update(status="failed", error=f"{exc.__class__.__name__}: {exc}")
+        reason = str(exc).splitlines()[0] if str(exc) else ""
+        record.update(status="failed", error=f"{exc.__class__.__name__}: {reason}")
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+            raise UserError(f"cannot write the run's files ({exc.strerror}): {run_dir}") from None
         raise
     finally:
+        if preemption is not None:
+            preemption.restore()
         record.update(wall_time_s=round(time.time() - t0, 2))
-        record.save()
+        saved = record.try_save()
         finish_wandb(loggers, exit_code=0 if record["status"] == "completed" else 1)
+        if interrupted is not None and preemption is not None:
+            _finish_signal(interrupted, preemption.previous)
+    if not saved:
+        raise UserError(f"cannot write {record.path} (disk full or folder removed?)")
     return record.data

@@ -56,10 +56,14 @@ def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
 
 
 def write_json(path: Path, obj: Mapping[str, Any]) -> None:
-    """Write ``obj`` as JSON atomically (a kill leaves either the old file or the new one)."""
+    """Write ``obj`` as JSON atomically (a kill leaves either the old file or the new one; a failed write, e.g. a
+    full disk, leaves the old file and no temporary one)."""
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
-    tmp.replace(path)
+    try:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -69,7 +73,11 @@ def read_json(path: Path) -> dict[str, Any]:
 
 class RunRecord:
     """``summary.json`` of one run folder: opened as ``running``, updated as the run learns its identity, closed
-    as ``completed`` or ``failed``."""
+    as ``completed``, ``interrupted``, ``diverged`` or ``failed``.
+
+    A run resumed in its own folder keeps what its record already said (its W&B id, the data declaration...) and
+    appends the attempt to ``attempts``; a run resumed from another folder's checkpoint adopts that run's W&B id.
+    """
 
     def __init__(self, folder: Path, **fields: Any) -> None:
         self.path = Path(folder) / "summary.json"
@@ -85,8 +93,23 @@ class RunRecord:
     def save(self) -> None:
         write_json(self.path, self.data)
 
-    def adopt_previous(self, ckpt: Path) -> None:
-        """A run resumed from another folder's checkpoint continues that run's record (its W&B run)."""
-        src = ckpt.parent.parent / "summary.json"
-        if src.is_file() and src != self.path:
-            self.previous = read_json(src)
+    def try_save(self) -> bool:
+        """Save; on an OS error (full disk, folder gone) return False instead of raising (the caller is already
+        reporting an error, or reports this one)."""
+        try:
+            self.save()
+        except OSError:
+            return False
+        return True
+
+    def resume_from(self, ckpt: Path, step: int) -> None:
+        """Record that this run continues from ``ckpt`` (at generator step ``step``)."""
+        source = ckpt.parent.parent / "summary.json"
+        if source.resolve() == self.path.resolve():
+            kept = {k: v for k, v in self.previous.items() if k not in ("status", "error", "final", "resume")}
+            self.data = {**kept, **self.data}
+        else:
+            self.previous = read_json(source)
+        attempts = list(self.data.get("attempts") or [])
+        attempts.append({"resumed_from": str(ckpt), "from_step": step, "git_commit": self.data.get("git_commit")})
+        self.data.update(resumed_from=str(ckpt), attempts=attempts)

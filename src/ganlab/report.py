@@ -4,7 +4,15 @@ Every folder below the given one that holds a ``summary.json`` (or a Hydra job f
 one run. Runs are grouped by data set (one table each) and by arm: the G objective (``choices.loss``) plus any
 other override that differs between the runs of that data set (``tricks=[...]``, ``d_steps=5``, ...), so runs
 that are not comparable never share a row; the seed is what varies within a row. Each final metric is reported as
-mean ± the half-width of a 95 % Student-t confidence interval over seeds.
+mean ± the half-width of a 95 % Student-t confidence interval over seeds. Arms appear in the order the sweep ran
+them (job numbers). Columns are split into *results* (the evaluation metrics, each marked with its better direction:
+↑ or ↓) and *diagnostics* (D's view of the equilibrium, losses, gradient norms); learning rates and timings are not
+metrics and are left out. Arms run on the same seeds are also compared seed by seed with a baseline arm
+(``--baseline``, ``non_saturating`` by default): the mean paired difference and its 95 % Student-t interval.
+
+A run's ``evals/*.json`` (written by ``src/eval.py``) add their metrics to the run's own under their own names
+(``fid50k``...); the training's final values win a name both hold. A Hydra sweep folder's ``multirun.yaml`` lists
+every job the sweep launched: a job without a finished run is reported as pending (no folder yet), running or failed.
 
 Written into the given folder: ``report.md`` (tables, failed runs, plots), ``report.json`` (the same numbers),
 ``plots/<data>/<metric>.png`` (each metric against the generator step, mean line and min–max band over seeds),
@@ -33,8 +41,27 @@ PREVIEW_CAPTIONS = {
     "scatter": "final samples, scattered over the real data",
     "density": "final p_g against p_data, with D(x)",
 }
-# the order of the comparison in the design; any other arm follows alphabetically
-ARM_ORDER = ("minimax", "non_saturating", "ns_then_minimax", "feature_matching", "minibatch_discrimination")
+# the arm the paired comparisons are made against when --baseline is not given
+DEFAULT_BASELINE = "non_saturating"
+# results: evaluation metrics and their better direction (first match wins); the protocol suffix (2k, 2500) follows
+RESULT_DIRECTIONS: tuple[tuple[re.Pattern[str], str], ...] = tuple(
+    (re.compile(pattern), arrow)
+    for pattern, arrow in (
+        (r"^fid\d", "↓"),
+        (r"^kid\d+k?$", "↓"),
+        (r"^is\d+k?$", "↑"),
+        (r"^precision\d", "↑"),
+        (r"^recall\d", "↑"),
+        (r"^(stacked_)?modes\d", "↑"),
+        (r"^hq_fraction\d", "↑"),
+        (r"^(reverse|stacked)_kl\d", "↓"),
+        (r"^ssl/test_errors?$", "↓"),
+    )
+)
+# diagnostics whose ideal is the equilibrium: D fooled, D(x) = D(G(z)) = 1/2
+_EQUILIBRIUM = re.compile(r"^(eval/)?(D\(x(_test)?\)|D\(G\(z\)\)|d_accuracy)$")
+# not metrics at all: learning rates (a schedule), timings and step counters
+_NOT_A_METRIC = re.compile(r"^(lr/|step/|epoch$|eval/seconds$|.*_time_s$)")
 # override keys that never distinguish arms: the seed is what a row averages over, data makes the table, loss is
 # the arm itself, resume and the sweep recipe only say how the run was launched
 _NOT_AN_ARM = re.compile(r"^(seed|data|loss|resume|sweep|hydra\b.*)$")
@@ -64,6 +91,7 @@ class Run:
     metrics: dict[str, float] = field(default_factory=dict)
     preview: str | None = None  # the data set's preview kind from summary.json (None: not recorded)
     variant: tuple[str, ...] = ()  # overrides besides loss that set this run's arm apart (filled by group_runs)
+    job_num: int | None = None  # the job's number in its Hydra sweep (None: not a Hydra sweep job)
 
     @property
     def arm(self) -> str:
@@ -123,9 +151,24 @@ def load_run(summary_path: Path) -> Run:
         overrides=overrides,
         status=str(summary.get("status", "unknown")),
         error=summary.get("error"),
-        metrics=_final_metrics(summary),
+        metrics={**eval_metrics(folder), **_final_metrics(summary)},  # the training's values win a shared name
         preview=_recorded_preview(summary),
+        job_num=summary.get("job_num"),
     )
+
+
+def eval_metrics(run_dir: Path) -> dict[str, float]:
+    """The metrics of the run's later evaluations (``evals/*.json`` from ``src/eval.py``), oldest file first, so a
+    newer evaluation of the same protocol wins."""
+    merged: dict[str, float] = {}
+    files = [p for p in (run_dir / "evals").glob("*.json") if p.name != "index.json"]
+    for path in sorted(files, key=lambda p: p.stat().st_mtime):
+        try:
+            block = json.loads(path.read_text()).get("metrics") or {}
+        except (OSError, ValueError, AttributeError):
+            continue
+        merged.update(_final_metrics({"final": block}))
+    return merged
 
 
 def _recorded_preview(summary: Mapping[str, Any]) -> str | None:
@@ -146,6 +189,7 @@ def _run_without_summary(folder: Path) -> Run:
 
     overrides: dict[str, str] = {}
     choices: dict[str, Any] = {}
+    hydra_cfg: Any = None
     try:
         overrides = dict(_split_override(o) for o in yaml.safe_load((folder / ".hydra" / "overrides.yaml").read_text()))
         hydra_cfg = yaml.safe_load((folder / ".hydra" / "hydra.yaml").read_text())
@@ -153,6 +197,7 @@ def _run_without_summary(folder: Path) -> Run:
     except (OSError, KeyError, TypeError, yaml.YAMLError):
         pass
     seed = overrides.get("seed")
+    job_num = hydra_cfg.get("hydra", {}).get("job", {}).get("num") if isinstance(hydra_cfg, dict) else None
     return Run(
         path=folder,
         data=str(choices.get("data") or overrides.get("data") or "?"),
@@ -161,6 +206,7 @@ def _run_without_summary(folder: Path) -> Run:
         overrides=overrides,
         status="failed",
         error="no summary.json: the job stopped before training started (see its log in the folder or .submitit/)",
+        job_num=job_num if isinstance(job_num, int) else None,
     )
 
 
@@ -201,16 +247,19 @@ def group_runs(runs: Sequence[Run]) -> dict[str, dict[str, list[Run]]]:
         for run in members:
             run.variant = tuple(f"{k}={run.overrides[k]}" for k in varying if k in run.overrides)
         arms: dict[str, list[Run]] = {}
-        for run in sorted(members, key=_arm_sort_key):
+        # arms in the order the sweep ran them: by their first job number, else by their first folder
+        for _, run in sorted(enumerate(members), key=lambda item: _run_order(*item)):
             arms.setdefault(run.arm, []).append(run)
-        grouped[data] = arms
+        grouped[data] = {arm: sorted(rs, key=_seed_key) for arm, rs in arms.items()}
     return grouped
 
 
-def _arm_sort_key(run: Run) -> tuple:
-    rank = ARM_ORDER.index(run.loss) if run.loss in ARM_ORDER else len(ARM_ORDER)
-    seed = run.seed if isinstance(run.seed, int) else 10**9
-    return (rank, run.loss, run.variant, seed, str(run.path))
+def _run_order(position: int, run: Run) -> tuple:
+    return (0, run.job_num, position) if isinstance(run.job_num, int) else (1, 0, position)
+
+
+def _seed_key(run: Run) -> tuple:
+    return (0, run.seed, "") if isinstance(run.seed, int) else (1, 0, str(run.seed))
 
 
 # ----------------------------------------------------------------------------------------------- statistics
@@ -239,10 +288,35 @@ def mean_ci(values: Sequence[float]) -> dict[str, Any]:
     }
 
 
+def direction(metric: str) -> str:
+    """``↑`` (higher is better) or ``↓`` for a result; ``→½`` for the equilibrium diagnostics; else ``""``."""
+    for pattern, arrow in RESULT_DIRECTIONS:
+        if pattern.match(metric):
+            return arrow
+    return "→½" if _EQUILIBRIUM.match(metric) else ""
+
+
+def is_result(metric: str) -> bool:
+    """An evaluation metric (a result) rather than a diagnostic: a known result, or any protocol-named metric
+    outside a namespace that is not a training scalar or a spread (``is2k_std``)."""
+    if any(pattern.match(metric) for pattern, _ in RESULT_DIRECTIONS):
+        return True
+    return "/" not in metric and not _TRAINING_SCALAR.match(metric) and not metric.endswith("_std")
+
+
 def _metric_order(names: Iterable[str]) -> list[str]:
-    """Headline evaluation metrics (``fid2k``, ``modes2500``, ...) first, then namespaced diagnostics
-    (``eval/...``), then the training scalars; alphabetically within each."""
-    return sorted(set(names), key=lambda m: (2 if _TRAINING_SCALAR.match(m) else int("/" in m), m.lower()))
+    """Results (``fid2k``, ``modes2500``, ...) first, then evaluation diagnostics (``eval/...``), then the training
+    scalars; alphabetically within each. Learning rates, timings and counters are dropped."""
+
+    def key(m: str) -> tuple:
+        return (0 if is_result(m) else 2 if _TRAINING_SCALAR.match(m) else 1, m.lower())
+
+    return sorted((m for m in set(names) if not _NOT_A_METRIC.match(m)), key=key)
+
+
+def _header(metric: str) -> str:
+    arrow = direction(metric)
+    return f"{metric} {arrow}" if arrow else metric
 
 
 def _fmt(stat: Mapping[str, Any]) -> str:
@@ -258,7 +332,74 @@ def _seed_list(runs: Sequence[Run]) -> list[Any]:
     return sorted({r.seed for r in runs}, key=lambda s: (0, s, "") if isinstance(s, int) else (1, 0, str(s)))
 
 
-def aggregate(root: Path, runs: Sequence[Run]) -> dict[str, Any]:
+def paired(arms: Mapping[str, Sequence[Run]], metrics: Sequence[str], baseline: str) -> dict[str, Any] | None:
+    """Each arm against the baseline arm of the same variant, seed by seed: per result metric the mean of the
+    paired differences (arm − baseline) on the seeds both completed, its 95 % Student-t half-width, and whether
+    that interval excludes 0. None when the data set has no baseline arm."""
+    ok = {arm: {r.seed: r for r in runs if r.problem is None} for arm, runs in arms.items()}
+    bases = {runs[0].variant: arm for arm, runs in arms.items() if runs and runs[0].loss == baseline}
+    if not bases:
+        return None
+    rows = []
+    for arm, runs in arms.items():
+        base = bases.get(runs[0].variant) if runs else None
+        if base is None or base == arm:
+            continue
+        seeds = [s for s in ok[arm] if s in ok[base]]
+        stats: dict[str, Any] = {}
+        for m in metrics:
+            pairs = [
+                (s, ok[arm][s].metrics[m] - ok[base][s].metrics[m])
+                for s in seeds
+                if m in ok[arm][s].metrics and m in ok[base][s].metrics
+            ]
+            stat = mean_ci([d for _, d in pairs])
+            stat["seeds"] = [s for s, _ in pairs]
+            stat["excludes_zero"] = stat["ci95"] is not None and abs(stat["mean"]) > stat["ci95"]
+            stats[m] = stat
+        rows.append({"arm": arm, "baseline": base, "n": len(seeds), "seeds": seeds, "metrics": stats})
+    return {"baseline": baseline, "rows": rows}
+
+
+def sweep_jobs(root: Path, runs: Sequence[Run]) -> list[dict[str, Any]]:
+    """The jobs a Hydra sweep launched (its ``multirun.yaml``) that have no completed run: ``pending`` (no run
+    folder yet), ``running`` (``summary.json`` says so: still running, or killed) or ``failed``. [] without a
+    ``multirun.yaml`` (a W&B sweep, a folder of runs)."""
+    path = root / "multirun.yaml"
+    if not path.is_file():
+        return []
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    try:
+        hydra_cfg = OmegaConf.load(path).hydra
+        params = OmegaConf.to_container(hydra_cfg.sweeper.params) if hydra_cfg.sweeper.get("params") else {}
+        task = list(hydra_cfg.overrides.task)
+        parsed = OverridesParser.create().parse_overrides([*(f"{k}={v}" for k, v in params.items()), *task])
+        jobs = BasicSweeper.split_arguments(parsed, None)[0]
+    except Exception:  # an unreadable record lists nothing rather than failing the report
+        return []
+    by_num = {r.job_num: r for r in runs if isinstance(r.job_num, int)}
+    out = []
+    for num, overrides in enumerate(jobs):
+        run = by_num.get(num)
+        if run is not None and run.status == "completed":
+            continue
+        state = "pending" if run is None else "running" if run.status == "running" else "failed"
+        out.append(
+            {
+                "job": num,
+                "overrides": " ".join(overrides),
+                "state": state,
+                "run": None if run is None else _rel(run.path, root),
+                "reason": None if run is None else run.problem,
+            }
+        )
+    return out
+
+
+def aggregate(root: Path, runs: Sequence[Run], *, baseline: str = DEFAULT_BASELINE) -> dict[str, Any]:
     """The numbers of the report (what ``report.json`` holds)."""
     grouped = group_runs(runs)
     datasets: dict[str, Any] = {}
@@ -281,7 +422,16 @@ def aggregate(root: Path, runs: Sequence[Run]) -> dict[str, Any]:
                 }
             )
         preview = dataset_preview(r for rs in arms.values() for r in rs)
-        datasets[data] = {"preview": preview, "metrics": metrics, "arms": rows}
+        results = [m for m in metrics if is_result(m)]
+        datasets[data] = {
+            "preview": preview,
+            "metrics": metrics,
+            "results": results,
+            "diagnostics": [m for m in metrics if not is_result(m)],
+            "directions": {m: direction(m) for m in metrics if direction(m)},
+            "arms": rows,
+            "paired": paired(arms, results, baseline),
+        }
     failed = [
         {
             "run": _rel(r.path, root),
@@ -301,6 +451,7 @@ def aggregate(root: Path, runs: Sequence[Run]) -> dict[str, Any]:
         "n_counted": len(runs) - len(failed),
         "datasets": datasets,
         "failed": failed,
+        "jobs": sweep_jobs(root, runs),
     }
 
 
@@ -314,16 +465,36 @@ def _rel(path: Path, root: Path) -> str:
 # ----------------------------------------------------------------------------------------------- tables
 
 
-def markdown_table(dataset: Mapping[str, Any]) -> str:
-    """One Markdown table: a row per arm, ``n``, the seeds, then every final metric as mean ± 95 % CI."""
+def markdown_table(dataset: Mapping[str, Any], columns: str = "results") -> str:
+    """One Markdown table: a row per arm, ``n``, the seeds, then the ``columns`` (``results``, ``diagnostics`` or
+    ``metrics``: both) as mean ± 95 % CI, each header marked with the metric's better direction."""
+    metrics = dataset.get(columns, dataset["metrics"])
     show_failed = any(row["failed"] for row in dataset["arms"])
-    header = ["arm", "n", "seeds", *(["failed"] if show_failed else []), *dataset["metrics"]]
+    header = ["arm", "n", "seeds", *(["failed"] if show_failed else []), *(_header(m) for m in metrics)]
     lines = ["| " + " | ".join(_cell(h) for h in header) + " |", "|" + "---|" * len(header)]
     for row in dataset["arms"]:
         cells = [f"`{row['arm']}`", str(row["n"]), ",".join(str(s) for s in row["seeds"]) or "—"]
         if show_failed:
             cells.append(str(row["failed"]))
-        cells += [_fmt(row["metrics"][m]) for m in dataset["metrics"]]
+        cells += [_fmt(row["metrics"][m]) for m in metrics]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def paired_table(dataset: Mapping[str, Any]) -> str | None:
+    """The paired differences to the baseline arm (bold: the 95 % interval excludes 0); None without them."""
+    pairs = dataset.get("paired")
+    if not pairs or not pairs["rows"] or not dataset["results"]:
+        return None
+    metrics = dataset["results"]
+    header = ["arm − baseline", "n", "seeds", *(_header(m) for m in metrics)]
+    lines = ["| " + " | ".join(_cell(h) for h in header) + " |", "|" + "---|" * len(header)]
+    for row in pairs["rows"]:
+        cells = [f"`{row['arm']}` − `{row['baseline']}`", str(row["n"]), ",".join(map(str, row["seeds"])) or "—"]
+        for m in metrics:
+            stat = row["metrics"][m]
+            text = "—" if stat["mean"] is None else _fmt(stat).replace(f"{stat['mean']:.4g}", f"{stat['mean']:+.4g}", 1)
+            cells.append(f"**{text}**" if stat["excludes_zero"] else text)
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -499,17 +670,31 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     out = [
         f"# Sweep report: `{report['folder']}`",
         "",
-        f"{report['n_runs']} runs found, {report['n_counted']} counted in the tables. Each cell is the mean over "
-        "seeds ± the half-width of a 95 % Student-t confidence interval (t(0.975, n−1)·s/√n; no ± when n = 1). "
+        f"{report['n_runs']} run folder(s) found, {report['n_counted']} counted in the tables. Each cell is the mean "
+        "over seeds ± the half-width of a 95 % Student-t confidence interval (t(0.975, n−1)·s/√n; no ± when n = 1). "
         "`n` is the number of completed, finite runs in the row; `failed` (when shown) counts the row's runs listed "
         "under *Failed or diverged runs* and left out of the means. Metrics are the final values in each run's "
-        "`summary.json`: evaluation metrics first, then the last logged training scalars. Two arms differ "
-        "credibly when their intervals do not overlap; with 3–5 seeds the intervals are wide, so read overlapping "
-        "ones as *not resolved*, not as *equal*.",
+        "`summary.json` (and its `evals/*.json`): *results* are the evaluation metrics, their header marked ↑ "
+        "(higher is better) or ↓; *diagnostics* are D's view of the equilibrium (→½: ideally one half) and the "
+        "last logged training scalars (one noisy step: read the curves). Paired differences compare each arm "
+        "with the baseline arm seed by seed (mean difference ± 95 % Student-t half-width over the shared seeds); "
+        "**bold** marks an interval that excludes 0. Unpaired intervals that overlap mean *not resolved*, not "
+        "*equal*.",
         "",
     ]
+    if report.get("jobs"):
+        counts = {s: sum(j["state"] == s for j in report["jobs"]) for s in ("pending", "running", "failed")}
+        said = ", ".join(f"{n} {s}" for s, n in counts.items() if n)
+        out += [f"Of the sweep's jobs (its `multirun.yaml`), {said}: see *Jobs without a completed run*.", ""]
     for data, ds in report["datasets"].items():
-        out += [f"## {data}", "", markdown_table(ds), ""]
+        out += [f"## {data}", "", "Results:", "", markdown_table(ds, "results"), ""]
+        pairs = paired_table(ds)
+        if pairs:
+            out += [f"Paired differences to `{ds['paired']['baseline']}` (same seeds):", "", pairs, ""]
+        elif ds["results"] and report.get("baseline"):
+            out += [f"No paired differences: no `{report['baseline']}` arm here (choose one with --baseline).", ""]
+        if ds["diagnostics"]:
+            out += ["Diagnostics:", "", markdown_table(ds, "diagnostics"), ""]
         plots = ds.get("plots") or {}
         if "_overview" in plots:
             links = " · ".join(f"[{m}]({plots[m]})" for m in ds.get("curve_metrics", []) if m in plots)
@@ -539,6 +724,14 @@ def render_markdown(report: Mapping[str, Any]) -> str:
             reason = _cell(str(f["problem"]).replace("\n", " "))
             out.append(f"| `{f['run']}` | {f['data']} | `{f['arm']}` | {f['seed']} | {f['status']} | {reason} |")
         out.append("")
+    if report.get("jobs"):
+        out += ["## Jobs without a completed run", ""]
+        out += ["| job | state | overrides | run | reason |", "|---|---|---|---|---|"]
+        for j in report["jobs"]:
+            run = f"`{j['run']}`" if j["run"] else "—"
+            reason = _cell(str(j["reason"] or "not started").replace("\n", " "))
+            out.append(f"| {j['job']} | {j['state']} | `{_cell(j['overrides'])}` | {run} | {reason} |")
+        out.append("")
     return "\n".join(out)
 
 
@@ -553,7 +746,7 @@ def _jsonable(obj: Any) -> Any:
     return obj
 
 
-def write_report(root: Path, *, plots: bool = True) -> dict[str, Any]:
+def write_report(root: Path, *, plots: bool = True, baseline: str = DEFAULT_BASELINE) -> dict[str, Any]:
     """Read the runs below ``root``, write ``report.md``, ``report.json`` and the plots into it; return the report.
 
     Raises ReportError for a missing folder or one without runs.
@@ -562,11 +755,12 @@ def write_report(root: Path, *, plots: bool = True) -> dict[str, Any]:
     if not root.is_dir():
         raise ReportError(f"no such folder: {root}")
     runs = find_runs(root)
-    if not runs:
+    if not runs and not (root / "multirun.yaml").is_file():
         raise ReportError(
             f"no run folders (summary.json) under {root}: pass a sweep folder such as outputs/multirun/<date>/<time>"
         )
-    report = aggregate(root, runs)
+    report = aggregate(root, runs, baseline=baseline)
+    report["baseline"] = baseline
     if plots:
         grouped = group_runs(runs)
         for data, ds in report["datasets"].items():
@@ -589,14 +783,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("folder", type=Path, help="a Hydra multirun folder, e.g. outputs/multirun/<date>/<time>")
     parser.add_argument("--no-plots", action="store_true", help="tables only (no matplotlib figures)")
+    parser.add_argument(
+        "--baseline",
+        default=DEFAULT_BASELINE,
+        help=f"the arm (loss) every other arm is compared with, seed by seed (default: {DEFAULT_BASELINE})",
+    )
     args = parser.parse_args(argv)
     try:
-        report = write_report(args.folder, plots=not args.no_plots)
+        report = write_report(args.folder, plots=not args.no_plots, baseline=args.baseline)
     except ReportError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     for data, ds in report["datasets"].items():
-        print(f"\n## {data}\n\n{markdown_table(ds)}")
+        print(f"\n## {data}\n\nResults:\n\n{markdown_table(ds, 'results')}")
+        pairs = paired_table(ds)
+        if pairs:
+            print(f"\nPaired differences to `{ds['paired']['baseline']}` (same seeds; bold: CI excludes 0):\n\n{pairs}")
+        if ds["diagnostics"]:
+            print(f"\nDiagnostics:\n\n{markdown_table(ds, 'diagnostics')}")
+    if report["jobs"]:
+        print(f"\n{len(report['jobs'])} job(s) of the sweep without a completed run (multirun.yaml):")
+    for j in report["jobs"]:
+        print(f"  job {j['job']} {j['state']}: {j['overrides']}" + (f" ({j['reason']})" if j["reason"] else ""))
     if report["failed"]:
         print(f"\n{len(report['failed'])} run(s) failed or diverged (not in the means):")
         for f in report["failed"]:

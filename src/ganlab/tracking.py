@@ -11,7 +11,6 @@ import io
 import math
 import netrc
 import os
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from urllib.parse import urlparse
 from pytorch_lightning.loggers import Logger, WandbLogger
 from pytorch_lightning.utilities import rank_zero_only
 
-W_AND_B_TIMEOUT_S = 15  # an unreachable server costs at most this before the run logs offline
+W_AND_B_TIMEOUT_S = 10  # an unreachable server costs at most this (plus the offline start) before training
 
 
 class RunCSVLogger(Logger):
@@ -100,7 +99,21 @@ def _fmt(value: Any) -> str:
 
 class StepWandbLogger(WandbLogger):
     """Lightning's W&B logger with the generator step as W&B's own step: a resumed run (online, or offline and
-    synced later) continues its steps instead of restarting them at 0, and every chart's x-axis is the G step."""
+    synced later) continues its steps instead of restarting them at 0, and every chart's x-axis is the G step
+    (``step/g`` is logged too, and declared the step metric of every chart)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._wandb_init.pop("anonymous", None)  # W&B warns that the setting has no effect
+
+    @property
+    def experiment(self) -> Any:
+        fresh = self._experiment is None
+        run = super().experiment
+        if fresh and hasattr(run, "define_metric"):
+            run.define_metric("step/g")
+            run.define_metric("*", step_metric="step/g")
+        return run
 
     @rank_zero_only
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
@@ -108,9 +121,6 @@ class StepWandbLogger(WandbLogger):
             self.experiment.log(dict(metrics))
         else:
             self.experiment.log({**metrics, "step/g": step}, step=int(step))
-
-
-_SAID_OFFLINE = False
 
 
 def has_wandb_credentials() -> bool:
@@ -124,26 +134,52 @@ def has_wandb_credentials() -> bool:
         return False
 
 
-def resolve_wandb_mode(requested: str, run_dir: Path) -> str:
-    """``auto`` -> ``$WANDB_MODE`` if set, else ``online`` with credentials, else ``offline`` (said once)."""
-    global _SAID_OFFLINE
+def resolve_wandb_mode(requested: str) -> tuple[str, str]:
+    """``auto`` -> ``$WANDB_MODE`` if set, else ``online`` with credentials, else ``offline``; returns the mode
+    and why (for the run's one start line)."""
     if requested != "auto":
-        return requested
+        return requested, "as configured"
     env = os.environ.get("WANDB_MODE")
     if env == "":
         del os.environ["WANDB_MODE"]  # wandb itself rejects an empty mode
     if env:
-        return "offline" if env == "dryrun" else env
+        return ("offline" if env == "dryrun" else env), "from WANDB_MODE"
     if has_wandb_credentials():
-        return "online"
-    if not _SAID_OFFLINE:
-        print(
-            f"W&B: no credentials, logging offline under {run_dir}/wandb "
-            "(upload later with `wandb sync <run folder>/wandb/offline-run-*`, or `wandb login` first)",
-            file=sys.stderr,
-        )
-        _SAID_OFFLINE = True
-    return "offline"
+        return "online", "credentials found"
+    return "offline", "no credentials"
+
+
+def dashboard_config(cfg_container: dict, identity: dict, **extra: Any) -> dict:
+    """The config a W&B run records: flat keys to group and filter by (``arm``, ``dataset``, ``seed`` and every
+    config choice: ``loss``, ``data``, ``model``...), then the whole resolved config under ``config``.
+
+    Flat choice names equal what a W&B sweep sets (``loss=minimax``), so a sweep's plain strings never replace a
+    nested setting: those live under ``config.*``.
+    """
+    choices = {k: v for k, v in (identity.get("choices") or {}).items() if v is not None}
+    flat = {
+        "arm": choices.get("loss") or str(cfg_container.get("loss", {}).get("_target_", "?")).rsplit(".", 1)[-1],
+        "dataset": choices.get("data") or str(cfg_container.get("data", {}).get("_target_", "?")).rsplit(".", 1)[-1],
+        "seed": cfg_container.get("seed"),
+        **choices,
+        "tricks": sorted((cfg_container.get("tricks") or {}).keys()),
+    }
+    return {**flat, **extra, "config": cfg_container, "identity": identity}
+
+
+def run_name(config: dict) -> str:
+    """``ring8/minimax/s3``: data set, arm, seed."""
+    return f"{config['dataset']}/{config['arm']}/s{config['seed']}"
+
+
+class Logging:
+    """What a run logs to, in words, for its one start line (``metrics.csv + W&B offline (no credentials)``)."""
+
+    def __init__(self) -> None:
+        self.parts: list[str] = []
+
+    def __str__(self) -> str:
+        return " + ".join(self.parts) or "nothing"
 
 
 def make_loggers(
@@ -154,33 +190,33 @@ def make_loggers(
     wandb_id: str | None = None,
     keep_until: int | None = None,
     history: Path | None = None,
+    said: Logging | None = None,
 ) -> list[Logger]:
     """The CSV logger (``metrics.csv`` in the run folder) and, unless disabled, the W&B logger.
 
-    ``keep_until``: the generator step a resumed run continues from (its CSV keeps the rows up to it);
-    ``history``: the source run's ``metrics.csv`` when resuming into a new folder. An unreachable W&B server never
+    ``run_config`` is what W&B records (:func:`dashboard_config`). ``keep_until``: the generator step a resumed
+    run continues from (its CSV keeps the rows up to it); ``history``: the source run's ``metrics.csv`` when
+    resuming into a new folder. ``said`` collects, in words, where the run logs. An unreachable W&B server never
     stops training for long: online start gives up after ``W_AND_B_TIMEOUT_S`` and the run logs offline.
     """
+    said = said if said is not None else Logging()
     loggers: list[Logger] = []
     if cfg.csv:
         loggers.append(RunCSVLogger(run_dir, keep_until=keep_until, history=history))
+        said.parts.append("metrics.csv")
     wb = cfg.get("wandb")
     if wb is None:
         return loggers
-    mode = resolve_wandb_mode(str(wb.mode), run_dir)
+    mode, why = resolve_wandb_mode(str(wb.mode))
     if mode == "disabled":
         return loggers
     identity = run_config.get("identity", {})
-    choices = identity.get("choices", {})
-    # the arm, data set and seed as tags, so a dashboard groups a sweep by arm with one click
-    auto_tags = [f"{k}:{choices[k]}" for k in ("loss", "data", "model", "task") if k in choices]
-    auto_tags.append(f"seed:{run_config.get('seed')}")
     kwargs = dict(
         project=wb.project,
         entity=wb.entity,
         group=wb.group or identity.get("sweep"),
-        tags=[*auto_tags, *wb.tags],
-        name=wb.name,
+        tags=list(wb.tags),
+        name=wb.name or run_name(run_config),
         save_dir=str(run_dir),
         config=run_config,
         id=wandb_id,
@@ -189,20 +225,20 @@ def make_loggers(
     import wandb
 
     try:
-        settings = wandb.Settings(init_timeout=W_AND_B_TIMEOUT_S) if mode == "online" else None
+        settings = wandb.Settings(silent=True, init_timeout=W_AND_B_TIMEOUT_S)
         logger = StepWandbLogger(mode=mode, settings=settings, **kwargs)
         _ = logger.experiment  # start now, so a failure surfaces here and not mid-training
     except Exception as exc:
         if mode != "online":
             raise
-        print(
-            f"W&B: online start failed ({exc.__class__.__name__}), logging offline under {run_dir}/wandb "
-            "(upload later with `wandb sync`)",
-            file=sys.stderr,
-        )
         wandb.teardown()
-        logger = StepWandbLogger(mode="offline", **kwargs)
+        mode, why = "offline", f"online start failed: {exc.__class__.__name__}"
+        logger = StepWandbLogger(mode="offline", settings=wandb.Settings(silent=True), **kwargs)
         _ = logger.experiment
+    if mode == "offline":
+        said.parts.append(f"W&B offline ({why}; upload later: wandb sync {run_dir}/wandb/offline-run-*)")
+    else:
+        said.parts.append(f"W&B {mode} ({getattr(logger.experiment, 'url', None) or why})")
     loggers.append(logger)
     return loggers
 

@@ -6,11 +6,12 @@ disagree about which generator steps they act on.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 
 def is_due(step: int, every: int, last: int) -> bool:
@@ -34,3 +35,43 @@ def eval_mode(net: nn.Module) -> Iterator[nn.Module]:
         yield net
     finally:
         net.train(was_training)
+
+
+def _batch_norms(net: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+@contextmanager
+def frozen_norm_stats(net: nn.Module) -> Iterator[nn.Module]:
+    """``net``'s batch-norm layers still normalise with the batch's statistics in training mode, but leave their
+    running statistics (and ``num_batches_tracked``) untouched for the block: for passes whose batch must not
+    shape what eval mode uses later (fake batches, the generator's passes through D)."""
+    layers = [m for m in _batch_norms(net) if m.track_running_stats]
+    for m in layers:
+        m.track_running_stats = False  # in training mode: batch statistics, no update of the running ones
+    try:
+        yield net
+    finally:
+        for m in layers:
+            m.track_running_stats = True
+
+
+@contextmanager
+def norm_eval_mode(net: nn.Module) -> Iterator[nn.Module]:
+    """``net``'s batch-norm layers in eval mode (running statistics, nothing updated) for the block; every other
+    layer keeps its mode. An example's normalised features then depend on that example alone."""
+    layers = [m for m in _batch_norms(net) if m.training]
+    for m in layers:
+        m.eval()
+    try:
+        yield net
+    finally:
+        for m in layers:
+            m.train()
+
+
+def chunked(fn: Callable[[Tensor], Tensor], x: Tensor, size: int) -> Tensor:
+    """``fn`` over ``x`` in chunks of ``size`` examples, concatenated: how every eval-mode pass of D runs, in
+    chunks of the training batch size, so a layer that looks across its batch (minibatch discrimination) sees
+    batches of the size it was trained on, whatever the number of examples evaluated."""
+    return torch.cat([fn(part) for part in x.split(int(size))])

@@ -1,26 +1,36 @@
-"""A submitit local launcher with a cap on the jobs that run at once (``conf/hydra/launcher/local.yaml``).
+"""Launchers of this project's sweeps (``conf/hydra/launcher/``); Hydra instantiates launchers only from the
+``hydra_plugins`` namespace package, hence this module's place.
 
-Hydra instantiates launchers only from the ``hydra_plugins`` namespace package, hence this module's place.
+- :class:`CappedLocalLauncher` (``hydra/launcher=local``): submitit's local launcher starts every job of a sweep at
+  once; on two cores twenty GAN runs then thrash. This one keeps a *pool* of at most
+  ``usable cores // cpus_per_task`` jobs, each with ``cpus_per_task`` threads, and starts the next job as soon as
+  one ends (a slow arm never idles the other slots).
+- :class:`RecipeSlurmLauncher` (``hydra/launcher=slurm``): the plugin's SLURM launcher, with the GPU request read
+  from the data sets the jobs train on (``gpus_per_node: null``: 1 for image data, 0 for 2-D/1-D points) and the
+  job name from the recipe.
 
-The plugin's ``submitit_local`` starts every job of a sweep at once; on two cores twenty GAN runs then thrash. This
-launcher runs the sweep in waves of at most ``usable cores // cpus_per_task`` jobs and gives each job
-``cpus_per_task`` threads, so jobs x threads matches the machine.
+Both print each submitit log line once inside a job (see :func:`_log_once`).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 from hydra.core.utils import JobReturn, JobStatus
+from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmititLauncher
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import LocalLauncher as _SubmititLocalLauncher
+from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher as _SubmititSlurmLauncher
 
 log = logging.getLogger(__name__)
 
 _THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+T = TypeVar("T")
+H = TypeVar("H")
 
 
 def usable_cores() -> int:
@@ -46,8 +56,51 @@ def _thread_env(threads: int) -> Iterator[None]:
                 os.environ[key] = value
 
 
-class CappedLocalLauncher(_SubmititLocalLauncher):
-    """``submitit_local`` in waves of at most ``usable_cores() // cpus_per_task`` parallel jobs."""
+def run_pool(
+    items: Sequence[T],
+    cap: int,
+    start: Callable[[int, T], H],
+    done: Callable[[H], bool],
+    *,
+    poll_s: float = 0.5,
+) -> list[H]:
+    """Start ``items`` in order with ``start(index, item)``, never more than ``cap`` unfinished at once, the next one
+    as soon as ``done(handle)`` says a slot is free; return the handles in item order once all are done.
+
+    This is the launcher's whole scheduling policy (a pool, not waves), kept free of submitit so it can be tested
+    with jobs that only sleep."""
+    handles: list[H] = []
+    running: list[H] = []
+    for index, item in enumerate(items):
+        while len(running) >= cap:
+            running = [h for h in running if not done(h)]
+            if len(running) >= cap:
+                time.sleep(poll_s)
+        handle = start(index, item)
+        handles.append(handle)
+        running.append(handle)
+    while running:
+        running = [h for h in running if not done(h)]
+        if running:
+            time.sleep(poll_s)
+    return handles
+
+
+def _log_once() -> None:
+    """Inside a job: submitit's logger has its own stdout handler *and* propagates to the root logger, to which
+    Hydra's job logging adds a console handler; every submitit line (job start, completion, requeue) was then
+    printed twice into the job's log. Keep submitit's own handler only."""
+    logging.getLogger("submitit").propagate = False
+
+
+class _OnceLogging(BaseSubmititLauncher):
+    def __call__(self, *args: Any, **kwargs: Any) -> JobReturn:
+        _log_once()
+        return super().__call__(*args, **kwargs)
+
+
+class CappedLocalLauncher(_OnceLogging, _SubmititLocalLauncher):
+    """``submitit_local`` as a pool of at most ``usable_cores() // cpus_per_task`` parallel jobs."""
 
     def max_parallel(self) -> int:
         """How many jobs run at once: the usable cores divided by the threads each job gets."""
@@ -57,24 +110,75 @@ class CappedLocalLauncher(_SubmititLocalLauncher):
         """Threads per job: ``cpus_per_task`` (1 when unset)."""
         return max(1, int(self.params.get("cpus_per_task") or 1))
 
+    def _executor(self) -> Any:
+        """A submitit local executor with the launcher's parameters (as the plugin's ``launch`` builds it)."""
+        import submitit
+        from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+        from omegaconf import OmegaConf
+
+        executor = submitit.AutoExecutor(cluster="local", folder=self.params["submitit_folder"])
+        base = set(OmegaConf.structured(BaseQueueConf).keys())
+        skip = {"submitit_folder", "max_num_timeout"}
+        executor.update_parameters(
+            **{k if k in base else f"local_{k}": v for k, v in self.params.items() if k not in skip}
+        )
+        return executor
+
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        """Run the jobs wave by wave. A job whose process dies (killed, timed out) is returned as FAILED and the
-        remaining waves still run: Hydra re-raises the first failure only after the whole sweep, and each run's
-        ``summary.json`` is the per-job record."""
-        # Waves rather than a pool: the plugin's launch() stays the only code that talks to submitit; a slow arm
-        # idles the other slots of its wave, which costs little when the arms of a sweep have similar budgets.
+        """Run the jobs as a pool. A job whose process dies (killed, timed out) is returned as FAILED and the others
+        still run: Hydra re-raises the first failure only after the whole sweep, and each run's ``summary.json`` is
+        the per-job record."""
+        from pathlib import Path
+
+        from hydra.core.singleton import Singleton
+        from hydra.core.utils import filter_overrides
+
+        assert self.config is not None
         cap = self.max_parallel()
         log.info(f"Local sweep: {len(job_overrides)} jobs, at most {cap} at once, {self.threads()} thread(s) each")
-        results: list[JobReturn] = []
+        sweep_dir = Path(str(self.config.hydra.sweep.dir))
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        executor = self._executor()
+
+        def start(index: int, overrides: Sequence[str]) -> Any:
+            num = initial_job_idx + index
+            log.info(f"\t#{num} : {' '.join(filter_overrides(overrides))}")
+            state = Singleton.get_state()
+            return executor.submit(self, list(overrides), "hydra.sweep.dir", num, f"job_id_for_{num}", state)
+
         with _thread_env(self.threads()):
-            for start in range(0, len(job_overrides), cap):
-                wave = job_overrides[start : start + cap]
-                try:
-                    results.extend(super().launch(wave, initial_job_idx + start))
-                except Exception as exc:  # a job process died before Hydra could record its result
-                    log.error(f"jobs {initial_job_idx + start}..{initial_job_idx + start + len(wave) - 1}: {exc}")
-                    results.extend(_failed(o, exc) for o in wave)
+            jobs = run_pool(job_overrides, cap, start, lambda job: job.done())
+        results: list[JobReturn] = []
+        for overrides, job in zip(job_overrides, jobs):
+            try:
+                results.append(job.results()[0])
+            except Exception as exc:  # the job's process died before Hydra could record its result
+                log.error(f"job {job.job_id} ({' '.join(overrides)}): {exc}")
+                results.append(_failed(overrides, exc))
         return results
+
+
+def gpus_for(job_configs: Sequence[Any]) -> int:
+    """GPUs per node that the jobs need: 1 when any job trains on images (its data set's ``kind``), 0 when all
+    train on points (the 2-D mixtures and the 1-D demo run as fast on CPUs). The data set says it, not its name."""
+    from hydra.utils import get_class
+
+    kinds = {getattr(get_class(cfg.data._target_), "kind", "image") for cfg in job_configs}
+    return 1 if "image" in kinds else 0
+
+
+class RecipeSlurmLauncher(_OnceLogging, _SubmititSlurmLauncher):
+    """The plugin's SLURM launcher; ``gpus_per_node: null`` asks for what the sweep's data sets need
+    (:func:`gpus_for`, composed per job as Hydra will run it)."""
+
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        if self.params.get("gpus_per_node") is None:
+            assert self.hydra_context is not None and self.config is not None
+            loader = self.hydra_context.config_loader
+            configs = [loader.load_sweep_config(self.config, list(o)) for o in job_overrides]
+            self.params["gpus_per_node"] = gpus_for(configs)
+            log.info(f"SLURM: {self.params['gpus_per_node']} GPU(s) per job (from the jobs' data sets)")
+        return super().launch(job_overrides, initial_job_idx)
 
 
 def _failed(overrides: Sequence[str], exc: BaseException) -> Any:

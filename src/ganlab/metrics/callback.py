@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import pytorch_lightning as pl
 import torch
 
-from ganlab.util import eval_mode, is_due, log_to_all
+from ganlab.util import chunked, eval_mode, is_due, log_to_all
 
 if TYPE_CHECKING:
     from ganlab.tasks.gan import GANModule
@@ -18,6 +18,9 @@ if TYPE_CHECKING:
 def _positive_int(key: str, value: Any) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{key} must be a positive integer (got {value!r})")
+
+
+MIN_SAMPLES = 100  # the smallest evaluation worth a number (KID subsets, k-NN precision/recall, 25 modes)
 
 
 class Evaluation(pl.Callback):
@@ -51,6 +54,11 @@ class Evaluation(pl.Callback):
         _positive_int("metrics.eval_every", eval_every)
         if n_samples is not None:
             _positive_int("metrics.n_samples", n_samples)
+            if n_samples < MIN_SAMPLES:
+                raise ValueError(
+                    f"metrics.n_samples must be at least {MIN_SAMPLES} (got {n_samples}): fewer samples make FID, "
+                    "KID, precision/recall and mode counts meaningless"
+                )
         _positive_int("metrics.kid_subset_size", kid_subset_size)
         if inception_weights is not None and not Path(str(inception_weights)).expanduser().is_file():
             raise ValueError(f"metrics.inception_weights: no file at {inception_weights}")
@@ -80,9 +88,13 @@ class Evaluation(pl.Callback):
         """Mean D(x) on held-out real data, mean D(G(z)), and D's accuracy telling them apart (½ = fooled)."""
         real = module.data.to_model(module.data.test_x[: len(fake)].to(module.device))
         fake = fake[: len(real)]
-        with eval_mode(module.D):
-            p_real = torch.sigmoid(module.gan_logit(module.D(real)[0]))
-            p_fake = torch.sigmoid(module.gan_logit(module.D(fake)[0]))
+
+        def d_of(x: torch.Tensor) -> torch.Tensor:
+            return torch.sigmoid(module.gan_logit(module.D(x)[0]))
+
+        with eval_mode(module.D):  # in chunks of the training batch: D's view must not depend on how many we ask
+            p_real = chunked(d_of, real, module.batch_size)
+            p_fake = chunked(d_of, fake, module.batch_size)
         acc = torch.cat([(p_real > 0.5).float(), (p_fake < 0.5).float()]).mean()
         values = torch.stack([p_real.mean(), p_fake.mean(), acc]).tolist()
         return dict(zip(("eval/D(x_test)", "eval/D(G(z))", "eval/d_accuracy"), values, strict=True))

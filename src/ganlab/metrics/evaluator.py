@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ganlab.metrics.fidelity import INCEPTION_EXTRACTOR, compute_fidelity, default_cache_dir, weights_identity
+from ganlab.metrics.fidelity import INCEPTION_EXTRACTOR, compute_fidelity, default_cache_dir, preflight
 
 
 class Evaluator:
@@ -99,7 +99,7 @@ def build_evaluator(
     extractor, weights, reference = spec.features, None, None
     if extractor is not None:
         weights = inception_weights if extractor == INCEPTION_EXTRACTOR else None
-        weights_identity(extractor, weights)  # a missing weights file fails now, not at the first evaluation
+        preflight(extractor, weights)  # missing weights fail now, before the first step, not at the first evaluation
         reference = data.train_x.detach().cpu()
     return Evaluator(
         n_samples or spec.samples,

@@ -160,6 +160,31 @@ def tensor_digest(x: Tensor) -> str:
     return _DATA_SHA[key]
 
 
+def preflight(extractor: str, weights_path: str | os.PathLike[str] | None) -> None:
+    """Make sure an extractor's weights are at hand *before* training starts, as data, not code.
+
+    Inception without a local file: fetch torch-fidelity's download into torch's hub cache now (offline, that
+    fails in a fraction of a second with the one-line advice, instead of after the first training interval). A
+    local weights file, which torch-fidelity itself would unpickle with ``weights_only=False``, is first read here
+    with ``weights_only=True``: a file that asks to run code is refused.
+    """
+    weights_identity(extractor, weights_path)
+    if weights_path is not None:
+        try:
+            torch.load(weights_path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            first = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
+            raise UserError(
+                f"metrics.inception_weights: {weights_path} is not a plain weights file ({first})"
+            ) from None
+        return
+    if extractor == INCEPTION_EXTRACTOR:
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_WEIGHTS_FILE
+        if not cached.is_file():
+            with _download_advice(extractor, None):
+                torch.hub.load_state_dict_from_url(URL_INCEPTION_V3, progress=False, weights_only=True)
+
+
 def weights_identity(extractor: str, weights_path: str | os.PathLike[str] | None) -> tuple[str | None, str]:
     """``(path to pass to torch-fidelity or None, identity string for the cache key)`` of an extractor's weights.
 

@@ -55,7 +55,9 @@ class Discriminator(nn.Module):
     semi-supervised GAN (Salimans et al. 2016 §5). The default K = 1 gives ``[n]``.
 
     Subclasses build the blocks through :meth:`_build`, which places the inserted layers after the blocks they
-    name and widens the next block's input by each layer's ``extra_features``.
+    name and widens the next block's input by each layer's ``extra_features``. A layer whose ``flat_output`` is
+    true (minibatch discrimination) returns flat features ``[n, in_features + extra]`` whatever its input: on a
+    conv D it can only follow the last hidden block, where the head flattens anyway.
     """
 
     n_outputs: int = 1
@@ -74,24 +76,42 @@ class Discriminator(nn.Module):
         in_width: int,
         flat_size: Callable[[int, int], int],
         inserts: Sequence[LayerInsert],
+        *,
+        maps: bool = False,
     ) -> None:
         """``make_block(i, in_width) -> (block, out_width)``; ``flat_size(i, width)`` is the number of features
-        of block ``i``'s output per example (what an inserted layer sees)."""
+        of block ``i``'s output per example (what an inserted layer sees); ``make_head(features)`` takes the
+        number of features per example it receives, flat. ``maps``: the blocks output feature maps (a conv D),
+        whose width counts channels."""
         at = [normalise_layers(ins.layers, n_blocks, "inserted layer") for ins in inserts]
         self.blocks = nn.ModuleList()
         self.inserted = nn.ModuleDict()  # str(block index) -> the layers after that block, in trick order
         width = in_width
+        flat = not maps
+        features = 0
         for i in range(n_blocks):
             block, width = make_block(i, width)
             self.blocks.append(block)
+            features = flat_size(i, width)
             layers = []
             for ins, where in zip(inserts, at, strict=True):
-                if i in where:
-                    layers.append(ins.make(flat_size(i, width)))
-                    width += int(layers[-1].extra_features)  # the next inserted layer sees the widened output
+                if i not in where:
+                    continue
+                layer = ins.make(features)
+                extra = int(layer.extra_features)
+                if getattr(layer, "flat_output", False) and not flat:
+                    if i != n_blocks - 1:
+                        raise ValueError(
+                            f"{type(layer).__name__} outputs flat features: on a conv D it can only follow the "
+                            f"last hidden block ({n_blocks - 1}, or -1), not block {i}"
+                        )
+                    flat = True  # from here on the features are one flat vector per example
+                width += extra  # the next inserted layer (or block) sees the widened output
+                features = features + extra if flat else flat_size(i, width)
+                layers.append(layer)
             if layers:
                 self.inserted[str(i)] = nn.Sequential(*layers)
-        self.head = make_head(width)
+        self.head = make_head(features)
 
     def forward(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
         feats = []

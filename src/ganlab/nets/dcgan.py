@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import torch
 from torch import Tensor, nn
 
 from ganlab.nets.base import Discriminator, NormFactory, norm_or_identity, resolve_norm
@@ -20,6 +21,29 @@ def _stages(resolution: int) -> int:
     if resolution < 8 or 2 ** (n + 2) != resolution:
         raise ValueError(f"DCGAN nets need a power-of-two resolution >= 8 (got {resolution})")
     return n
+
+
+def _image_shape(shape: tuple[int, ...]) -> tuple[int, int, int]:
+    if len(shape) != 3:
+        raise ValueError(
+            f"model=dcgan needs image data [channels, height, width] (got examples of shape {tuple(shape)}): "
+            "use model=mlp for points"
+        )
+    return shape[0], shape[1], shape[2]
+
+
+def to_channels_last(net: nn.Module) -> nn.Module:
+    """``net``'s 4-D weights in channels_last (NHWC) memory order, in place: what cuDNN's and oneDNN's fastest
+    convolutions use (tensor cores on GPU), so no layout conversion runs around each conv. Values are unchanged."""
+    return net.to(memory_format=torch.channels_last)
+
+
+def maybe_compile(net: nn.Module, compile: bool) -> nn.Module:
+    """``model.compile``: ``torch.compile`` the forward in place (``nn.Module.compile``: state-dict keys and
+    checkpoints stay as they are). Opt-in: compiling takes tens of seconds and needs a C++ compiler."""
+    if compile:
+        net.compile()
+    return net
 
 
 def dcgan_init(module: nn.Module) -> None:
@@ -48,11 +72,13 @@ class DCGANGenerator(nn.Module):
         z_dim: int = 64,
         width: int = 64,
         norm: str | NormFactory | None = "batch",
+        channels_last: bool = False,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         if z_dim < 1 or width < 1:
             raise ValueError(f"model: z_dim and width must be >= 1 (got {z_dim}, {width})")
-        c, h, w = out_shape
+        c, h, w = _image_shape(out_shape)
         if h != w:
             raise ValueError(f"DCGAN nets need square images (got {h}x{w})")
         n = _stages(h)
@@ -72,9 +98,16 @@ class DCGANGenerator(nn.Module):
         self.stages = nn.Sequential(*stages)
         self.to_image = nn.Sequential(nn.Conv2d(ch[-1], c, 3, 1, 1), nn.Tanh())
         dcgan_init(self)
+        self.channels_last = bool(channels_last)
+        if self.channels_last:
+            to_channels_last(self)
+        maybe_compile(self, compile)
 
     def forward(self, z: Tensor) -> Tensor:
-        return self.to_image(self.stages(self.stem(z)))
+        h = self.stem(z)  # [n, 8w, 4, 4] (r = 32)
+        if self.channels_last:
+            h = h.contiguous(memory_format=torch.channels_last)
+        return self.to_image(self.stages(h))
 
 
 class DCGANDiscriminator(Discriminator):
@@ -82,8 +115,8 @@ class DCGANDiscriminator(Discriminator):
 
     block 0: 3x3 conv c -> w at r x r; blocks 1..n: Conv(4, stride 2) doubling channels down to 4x4;
     head: flatten + linear. ``norm`` (the batch_norm_d trick) on every block but the first, as in DCGAN;
-    ``inserts`` are a trick's layers (minibatch discrimination). ``n_outputs = K > 1`` gives K class logits
-    ``[n, K]`` (the semi-supervised GAN's D).
+    ``inserts`` are a trick's layers (minibatch discrimination: after the last block only, its output is
+    flat). ``n_outputs = K > 1`` gives K class logits ``[n, K]`` (the semi-supervised GAN's D).
     """
 
     def __init__(
@@ -93,13 +126,15 @@ class DCGANDiscriminator(Discriminator):
         norm: str | NormFactory | None = "none",
         inserts: Sequence[LayerInsert] = (),
         n_outputs: int = 1,
+        channels_last: bool = False,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         if width < 1:
             raise ValueError(f"model.discriminator.width must be >= 1 (got {width})")
         self.set_outputs(n_outputs)
         make_norm = resolve_norm(norm)
-        c, h, _ = in_shape
+        c, h, _ = _image_shape(in_shape)
         n = _stages(h)
         sizes = [h // 2**i for i in range(n + 1)]  # spatial size after block i
 
@@ -113,8 +148,17 @@ class DCGANDiscriminator(Discriminator):
             layers.append(nn.LeakyReLU(0.2))
             return nn.Sequential(*layers), c_out
 
-        def head(c_last: int) -> nn.Module:
-            return nn.Sequential(nn.Flatten(), nn.Linear(c_last * 16, self.n_outputs))
+        def head(features: int) -> nn.Module:  # [n, c_last, 4, 4] (or flat features after an inserted layer)
+            return nn.Sequential(nn.Flatten(), nn.Linear(features, self.n_outputs))
 
-        self._build(n + 1, block, head, c, lambda i, ch: ch * sizes[i] ** 2, inserts)
+        self._build(n + 1, block, head, c, lambda i, ch: ch * sizes[i] ** 2, inserts, maps=True)
         dcgan_init(self)
+        self.channels_last = bool(channels_last)
+        if self.channels_last:
+            to_channels_last(self)
+        maybe_compile(self, compile)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+        if self.channels_last:  # [n, c, r, r] in NHWC order; Flatten in the head still reads it as NCHW
+            x = x.contiguous(memory_format=torch.channels_last)
+        return super().forward(x)

@@ -27,7 +27,7 @@ from torchmetrics.functional.classification import multiclass_accuracy
 from ganlab.errors import UserError
 from ganlab.losses import Objective, real_fake_logit, semi_supervised_d_loss
 from ganlab.tasks.gan import GANModule
-from ganlab.util import eval_mode
+from ganlab.util import eval_mode, frozen_norm_stats
 
 
 def select_labelled(labels: Tensor, labels_per_class: int, label_seed: int, num_classes: int | None = None) -> Tensor:
@@ -148,7 +148,8 @@ class SemiSupervisedGAN(GANModule):
             fake = self.G(z)
         lab_logits, _ = self.D(x_lab)
         real_logits, _ = self.D(real)
-        fake_logits, _ = self.D(fake)
+        with frozen_norm_stats(self.D):  # D's batch-norm running statistics come from real batches only
+            fake_logits, _ = self.D(fake)
         loss, logs = semi_supervised_d_loss(
             lab_logits,
             y_lab,

@@ -1,0 +1,97 @@
+"""The report separates results from diagnostics and marks better directions, orders arms as the sweep ran them,
+compares arms with a baseline seed by seed, and lists the sweep's jobs that have no completed run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+from scipy import stats
+
+from ganlab import report as rep
+from ganlab.report import direction, is_result, main, write_report
+
+
+def _run(folder: Path, loss: str, seed: int, job: int | None, status: str = "completed", **final: float) -> None:
+    folder.mkdir(parents=True)
+    summary = {
+        "status": status,
+        "seed": seed,
+        "job_num": job,
+        "choices": {"data": "ring8", "loss": loss},
+        "overrides": [f"loss={loss}", f"seed={seed}"],
+        "final": final,
+    }
+    (folder / "summary.json").write_text(json.dumps(summary))
+
+
+def test_directions_and_the_split_between_results_and_diagnostics() -> None:
+    assert [direction(m) for m in ("fid2k", "kid2k", "is2k", "precision2k", "recall2k")] == ["↓", "↓", "↑", "↑", "↑"]
+    assert [direction(m) for m in ("modes2500", "hq_fraction2500", "reverse_kl2500")] == ["↑", "↑", "↓"]
+    assert [direction(m) for m in ("stacked_modes26k", "stacked_kl26k", "ssl/test_error")] == ["↑", "↓", "↓"]
+    assert direction("D(x)") == direction("eval/D(G(z))") == direction("eval/d_accuracy") == "→½"
+    assert all(is_result(m) for m in ("fid2k", "modes2500", "ssl/test_error"))
+    assert not any(is_result(m) for m in ("eval/d_accuracy", "D(x)", "loss/d", "grad_norm/g", "is2k_std"))
+    order = rep._metric_order(["lr/g", "eval/seconds", "loss/d", "modes2500", "eval/d_accuracy", "step/g"])
+    assert order == ["modes2500", "eval/d_accuracy", "loss/d"]  # no learning rate, timing or counter
+
+
+def test_paired_differences_arm_order_and_pending_jobs(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    sweep = tmp_path / "sweep"
+    # the sweep ran minibatch_discrimination first: job numbers, not a list in the report, give the order
+    modes = {"minibatch_discrimination": [7.0, 8.0, 6.5], "non_saturating": [6.0, 6.0, 5.0], "minimax": [6.5, 6.0]}
+    for arm, loss in enumerate(("minibatch_discrimination", "non_saturating", "minimax")):
+        for seed, value in enumerate(modes[loss]):
+            job = 4 * arm + seed  # Hydra's numbering: the first axis varies slowest
+            _run(sweep / f"{job}_{loss}_{seed}", loss, seed, job, modes2500=value, **{"lr/g": 0.0, "loss/d": 1.0})
+    _run(sweep / "10_minimax_2", "minimax", 2, 10, status="failed", modes2500=1.0)
+    # Hydra's record: 3 arms x 4 seeds = 12 jobs; seed 3 (jobs 3, 7, 11) never started
+    record = {
+        "hydra": {
+            "sweeper": {"params": {"loss": "minibatch_discrimination,non_saturating,minimax"}},
+            "overrides": {"task": ["data=ring8", "seed=0,1,2,3"]},
+        }
+    }
+    OmegaConf.save(OmegaConf.create(record), sweep / "multirun.yaml")
+    assert main([str(sweep), "--no-plots"]) == 0
+    out = capsys.readouterr().out
+    report = json.loads((sweep / "report.json").read_text())
+    ds = report["datasets"]["ring8"]
+    assert [row["arm"] for row in ds["arms"]] == ["minibatch_discrimination", "non_saturating", "minimax"]
+    assert ds["results"] == ["modes2500"] and ds["diagnostics"] == ["loss/d"]
+    assert "lr/g" not in ds["metrics"] and "lr/g" not in out
+    assert "modes2500 ↑" in out and "Diagnostics:" in out
+
+    pairs = {row["arm"]: row for row in ds["paired"]["rows"]}
+    assert ds["paired"]["baseline"] == "non_saturating" and set(pairs) == {"minibatch_discrimination", "minimax"}
+    md = pairs["minibatch_discrimination"]["metrics"]["modes2500"]
+    diffs = [1.0, 2.0, 1.5]
+    half = stats.t.ppf(0.975, 2) * stats.tstd(diffs) / 3**0.5
+    assert md["mean"] == pytest.approx(1.5) and md["ci95"] == pytest.approx(half) and md["values"] == diffs
+    assert half < 1.5 and md["excludes_zero"]  # marked
+    assert "**+1.5 ± " in (sweep / "report.md").read_text()
+    mm = pairs["minimax"]["metrics"]["modes2500"]  # only the seeds both completed: 0 and 1
+    assert pairs["minimax"]["seeds"] == [0, 1] and mm["values"] == [0.5, 0.0] and not mm["excludes_zero"]
+
+    jobs = {j["job"]: j for j in report["jobs"]}
+    assert {n for n, j in jobs.items() if j["state"] == "pending"} == {3, 7, 11}
+    assert jobs[10]["state"] == "failed" and "seed=2" in jobs[10]["overrides"] and set(jobs) == {3, 7, 10, 11}
+    assert "pending" in (sweep / "report.md").read_text()
+
+    # another baseline, by flag
+    again = write_report(sweep, plots=False, baseline="minimax")
+    assert {row["arm"] for row in again["datasets"]["ring8"]["paired"]["rows"]} == {
+        "minibatch_discrimination",
+        "non_saturating",
+    }
+
+
+def test_a_sweep_with_only_pending_jobs_still_reports_them(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    record = {"hydra": {"sweeper": {"params": None}, "overrides": {"task": ["loss=minimax,non_saturating"]}}}
+    OmegaConf.save(OmegaConf.create(record), sweep / "multirun.yaml")
+    report = write_report(sweep, plots=False)
+    assert [j["state"] for j in report["jobs"]] == ["pending", "pending"]
