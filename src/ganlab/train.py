@@ -8,6 +8,11 @@ the configs shipped in the package, so ``ganlab-train data=ring8`` works from an
 
 from __future__ import annotations
 
+import os
+
+# before torch starts its OpenMP pool (see src/train.py): sleeping, not spinning, threads on a shared machine
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import sys
 from pathlib import Path
 

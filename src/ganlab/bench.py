@@ -1,0 +1,547 @@
+"""The speed of the pipeline, measured: ``python -m ganlab.bench`` (``--quick`` for a short version).
+
+Prints one table, every figure measured in this run:
+
+- **steps/s**: steady-state generator steps per second of the pipeline (the real :class:`~ganlab.tasks.gan.GANModule`
+  built by :func:`ganlab.pipeline.build` and driven by a Lightning Trainer with the pipeline's settings, callbacks and
+  CSV logger) and of a plain PyTorch loop (:func:`plain_loop`: the same nets, data, batch and Adam settings; k D
+  updates on fresh batches, then one G update), run in turn in one process; the ratio is the median of the
+  per-round ratios, which holds on a noisy, shared machine where absolute figures drift.
+- **GFLOP/s** of the 32x32 DCGAN step (``torch.utils.flop_counter``) beside this machine's float32 matmul rate
+  (a 2048x2048 sgemm) measured in the same run.
+- **evaluation**: one evaluation's seconds and its share of a default run (``max_steps`` generator steps at the
+  measured step rate plus an evaluation every ``metrics.eval_every`` steps and at the end) per built-in data set.
+- **minibatch discrimination**: the layer's forward+backward at n = 256, A = 128.
+- **options** (``--options``): ``channels_last``, ``bf16-mixed`` and ``torch.compile`` on the 32x32 DCGAN step,
+  each where it runs at all.
+- **shared CPU** (``--shared``): the default digits run's steps/s alone and beside one CPU-bound process, per thread
+  setting (child processes, since OpenMP reads its environment once).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import io
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ganlab.data.base import EvalSpec, InMemoryData
+
+BUILTIN_DATA = ("digits", "stacked_digits", "ring8", "grid25")
+
+
+class SyntheticImages(InMemoryData):
+    """``uint8 [n, 3, 32, 32]`` smooth random images, generated in memory (the benchmark's 32x32 setting)."""
+
+    name = "synthetic32"
+    kind = "image"
+    evaluation = EvalSpec()  # no metrics
+
+    def __init__(self, n: int = 2048, resolution: int = 32, seed: int = 0) -> None:
+        super().__init__()
+        self.n, self.resolution, self.seed = n, resolution, seed
+
+    def load(self) -> tuple[Tensor, None, Tensor, None]:
+        g = torch.Generator().manual_seed(self.seed)
+        low = torch.rand(self.n + 64, 3, 8, 8, generator=g)  # upsampled noise: image-like local correlation
+        x = F.interpolate(low, size=self.resolution, mode="bilinear", align_corners=False)
+        x = (x * 255).round().to(torch.uint8)
+        return x[: self.n], None, x[self.n :], None
+
+
+# the benchmark's settings: name -> config overrides (the mlp model's settings on ring8; batch 64 for the images)
+SETTINGS: dict[str, list[str]] = {
+    "ring8 MLP b256": ["data=ring8", "model=mlp", "metrics=none"],
+    "digits DCGAN b64": ["data=digits", "metrics=none"],
+    "32x32 DCGAN b64": ["data=digits", "data._target_=ganlab.bench.SyntheticImages", "metrics=none"],
+}
+
+
+def compose(overrides: Sequence[str] = ()) -> Any:
+    """The run config ``python src/train.py <overrides>`` would get (CSV logger, no W&B)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from ganlab.paths import conf_dir
+
+    with initialize_config_dir(str(conf_dir()), version_base="1.3"):
+        return hydra_compose("config", overrides=["logger=csv", *overrides])
+
+
+def set_threads(cfg: Any) -> None:
+    """What the pipeline does with ``model.threads`` (see :mod:`ganlab.pipeline`)."""
+    threads = cfg.model.get("threads")
+    torch.set_num_threads(int(threads) if threads else (os.cpu_count() or 1))
+
+
+# -- the two loops ------------------------------------------------------------------------------------------------
+def _timer_callback() -> Any:
+    import pytorch_lightning as pl
+
+    class StepTimes(pl.Callback):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+
+        def on_train_batch_end(self, *args: Any) -> None:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.times.append(time.perf_counter())
+
+    return StepTimes()
+
+
+def steady_rate(times: Sequence[float], warmup: int) -> float:
+    """Steps per second between step ``warmup`` and the last-but-one step (the last one saves and samples)."""
+    end = len(times) - 2
+    if end <= warmup:
+        raise ValueError(f"need more than {warmup + 2} steps to measure (got {len(times)})")
+    return (end - warmup) / (times[end] - times[warmup])
+
+
+def pipeline_run(cfg: Any, steps: int, warmup: int, workdir: Path) -> tuple[float, Any]:
+    """Steady steps/s of the pipeline for ``steps`` generator steps, and the trained module."""
+    import pytorch_lightning as pl
+    from omegaconf import OmegaConf
+
+    from ganlab.pipeline import build, callbacks
+    from ganlab.tracking import make_loggers
+
+    cfg = copy.deepcopy(cfg)
+    OmegaConf.set_struct(cfg, False)
+    cfg.max_steps = steps
+    set_threads(cfg)
+    pl.seed_everything(cfg.seed, workers=False, verbose=False)
+    module = build(cfg)
+    workdir.mkdir(parents=True, exist_ok=True)
+    timer = _timer_callback()
+    trainer = pl.Trainer(
+        **OmegaConf.to_container(cfg.trainer, resolve=True),
+        max_steps=steps * module.schedule.optimizer_steps,
+        logger=make_loggers(cfg.logger, workdir, {}) or False,
+        callbacks=[*callbacks(cfg, workdir), timer],
+        default_root_dir=str(workdir),
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        log_every_n_steps=1,
+    )
+    with contextlib.redirect_stdout(io.StringIO()):  # the pipeline's progress lines
+        trainer.fit(module)
+    return steady_rate(timer.times, warmup), module
+
+
+def plain_loop(
+    G: torch.nn.Module,
+    D: torch.nn.Module,
+    data: InMemoryData,
+    *,
+    steps: int,
+    batch_size: int,
+    d_steps: int,
+    z_dim: int,
+    optim_g: dict[str, Any],
+    optim_d: dict[str, Any],
+    seed: int = 0,
+    on_step: Callable[[], None] | None = None,
+    device: str | torch.device = "cpu",
+) -> tuple[int, int]:
+    """A plain PyTorch GAN loop (non-saturating loss): per generator step, ``d_steps`` D updates on fresh real and
+    noise batches, then one G update with D frozen. Returns ``(D optimizer steps, G optimizer steps)``."""
+    G, D = G.to(device).requires_grad_(True), D.to(device).requires_grad_(True)
+    opt_g = torch.optim.Adam(G.parameters(), lr=optim_g["lr"], betas=tuple(optim_g["betas"]))
+    opt_d = torch.optim.Adam(D.parameters(), lr=optim_d["lr"], betas=tuple(optim_d["betas"]))
+    pool, m, gen = data.train_x.to(device), batch_size, torch.Generator(device=device).manual_seed(seed)
+    ones, zeros = torch.ones(m, device=device), torch.zeros(m, device=device)
+    n_d = n_g = 0
+    for _ in range(steps):
+        for _ in range(d_steps):
+            real = data.to_model(pool[torch.randint(len(pool), (m,), generator=gen, device=device)])
+            with torch.no_grad():
+                fake = G(torch.randn(m, z_dim, generator=gen, device=device))
+            loss = F.binary_cross_entropy_with_logits(D(real)[0], ones) + F.binary_cross_entropy_with_logits(
+                D(fake)[0], zeros
+            )
+            opt_d.zero_grad(set_to_none=True)
+            loss.backward()
+            opt_d.step()
+            n_d += 1
+        D.requires_grad_(False)
+        loss = F.binary_cross_entropy_with_logits(D(G(torch.randn(m, z_dim, generator=gen, device=device)))[0], ones)
+        opt_g.zero_grad(set_to_none=True)
+        loss.backward()
+        opt_g.step()
+        D.requires_grad_(True)
+        n_g += 1
+        if on_step is not None:
+            on_step()
+    return n_d, n_g
+
+
+def device() -> torch.device:
+    """Where both loops run: the GPU when there is one (the pipeline's ``trainer.accelerator=auto``)."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _tick(times: list[float]) -> Callable[[], None]:
+    """Record the time after a step (after the GPU finished it)."""
+
+    def tick() -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter())
+
+    return tick
+
+
+def plain_rate(module: Any, cfg: Any, steps: int, warmup: int) -> float:
+    """Steady steps/s of :func:`plain_loop` on fresh copies of ``module``'s nets."""
+    set_threads(cfg)
+    G, D = copy.deepcopy(module.G).train(), copy.deepcopy(module.D).train()
+    for p in [*G.parameters(), *D.parameters()]:
+        p.requires_grad_(True)
+    times: list[float] = []
+    plain_loop(
+        G,
+        D,
+        module.data,
+        steps=steps,
+        batch_size=module.batch_size,
+        d_steps=module.schedule.count("D"),
+        z_dim=module.z_dim,
+        optim_g=module.optim_g,
+        optim_d=module.optim_d,
+        on_step=_tick(times),
+        device=device(),
+    )
+    return steady_rate(times, warmup)
+
+
+@dataclass
+class Speed:
+    setting: str
+    pipeline: float
+    plain: float
+    ratio: float
+
+
+def compare(name: str, overrides: Sequence[str], steps: int, rounds: int, workdir: Path) -> tuple[Speed, Any]:
+    """Pipeline and plain loop in turn, ``rounds`` times; medians of rates and of the per-round ratios."""
+    cfg = compose(overrides)
+    warmup = max(2, steps // 5)
+    pipe, plain, ratios, module = [], [], [], None
+    for r in range(rounds):
+        p, module = pipeline_run(cfg, steps, warmup, workdir / f"{name.split()[0]}_{r}")
+        q = plain_rate(module, cfg, steps, warmup)
+        pipe.append(p)
+        plain.append(q)
+        ratios.append(p / q)
+    return Speed(name, statistics.median(pipe), statistics.median(plain), statistics.median(ratios)), (cfg, module)
+
+
+# -- compute rates ------------------------------------------------------------------------------------------------
+def matmul_gflops(n: int = 2048, reps: int = 5) -> float:
+    """float32 ``n x n`` matmul rate (GFLOP/s), best of ``reps``."""
+    a, b = torch.randn(n, n, device=device()), torch.randn(n, n, device=device())
+    a @ b
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a @ b
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e9
+
+
+def step_gflop(module: Any) -> float:
+    """FLOP of one generator step of :func:`plain_loop` (k D updates + one G update) on ``module``'s nets."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    G, D = copy.deepcopy(module.G).train(), copy.deepcopy(module.D).train()
+    for p in [*G.parameters(), *D.parameters()]:
+        p.requires_grad_(True)
+    kw = dict(batch_size=module.batch_size, d_steps=module.schedule.count("D"), z_dim=module.z_dim)
+    with FlopCounterMode(display=False) as counter:
+        plain_loop(G, D, module.data, steps=1, optim_g=module.optim_g, optim_d=module.optim_d, **kw)
+    return counter.get_total_flops() / 1e9
+
+
+# -- evaluation ---------------------------------------------------------------------------------------------------
+@dataclass
+class EvalCost:
+    data: str
+    n_samples: int
+    seconds: float
+    steps_per_s: float
+    evals: int
+    share: float
+
+
+def _evals_in_run(max_steps: int, every: int) -> int:
+    from ganlab.util import is_due
+
+    return sum(1 for s in range(1, max_steps + 1) if is_due(s, every, max_steps))
+
+
+def eval_cost(data: str, steps: int, n_samples: int | None, workdir: Path, rate: float | None = None) -> EvalCost:
+    """One evaluation's seconds (the second one: the reference statistics are cached after the first) and its share
+    of a default run of ``max_steps`` generator steps at the pipeline's measured steady rate."""
+    from ganlab.pipeline import metrics_callback
+
+    overrides = [f"data={data}"] + ([f"metrics.n_samples={n_samples}"] if n_samples else [])
+    cfg = compose(overrides)
+    if rate is None:
+        rate, module = pipeline_run(cfg, steps, max(2, steps // 5), workdir / f"eval_{data}")
+    else:
+        from ganlab.pipeline import build
+
+        set_threads(cfg)
+        module = build(cfg)
+    callback = metrics_callback(cfg)
+    callback.on_fit_start(None, module)
+
+    no_loggers = SimpleNamespace(loggers=[])  # what evaluate() reads of the trainer
+    with torch.no_grad():
+        callback.evaluate(no_loggers, module)
+        t0 = time.perf_counter()
+        callback.evaluate(no_loggers, module)
+        seconds = time.perf_counter() - t0
+    evals = _evals_in_run(cfg.max_steps, callback.every)
+    total_eval = evals * seconds
+    share = total_eval / (cfg.max_steps / rate + total_eval)
+    return EvalCost(data, callback.evaluator.n_samples, seconds, rate, evals, share)
+
+
+# -- minibatch discrimination -------------------------------------------------------------------------------------
+def md_ms(n: int, a: int, b: int, c: int, reps: int = 5) -> float:
+    """Forward+backward ms of the minibatch-discrimination layer on ``[n, a]`` features (median of ``reps``)."""
+    from ganlab.tricks.minibatch_discrimination import MinibatchDiscrimination
+
+    layer = MinibatchDiscrimination(a, n_kernels=b, kernel_dim=c)
+    layer.initialised.fill_(True)
+    x = torch.randn(n, a, requires_grad=True)
+    times = []
+    for _ in range(reps + 1):
+        t0 = time.perf_counter()
+        layer(x).sum().backward()
+        times.append(time.perf_counter() - t0)
+    return 1000 * statistics.median(times[1:])
+
+
+# -- GPU-path options on the 32x32 step ---------------------------------------------------------------------------
+def option_rates(module: Any, steps: int) -> dict[str, str]:
+    """Plain-loop steps/s of the 32x32 DCGAN under each GPU-path option, on this machine's device."""
+    from ganlab.nets.dcgan import to_channels_last
+
+    out: dict[str, str] = {}
+
+    def run(G: Any, D: Any, ctx: Any, data: Any = None) -> float:
+        times: list[float] = []
+        with ctx:
+            plain_loop(G, D, data or module.data, steps=steps, batch_size=module.batch_size,
+                       d_steps=module.schedule.count("D"), z_dim=module.z_dim, optim_g=module.optim_g,
+                       optim_d=module.optim_d, on_step=_tick(times), device=device())  # fmt: skip
+        return steady_rate(times, 1)
+
+    def nets() -> tuple[Any, Any]:
+        G, D = copy.deepcopy(module.G).train(), copy.deepcopy(module.D).train()
+        for p in [*G.parameters(), *D.parameters()]:
+            p.requires_grad_(True)
+        return G, D
+
+    out["fp32"] = f"{run(*nets(), nullcontext()):.3g}"
+    G, D = nets()
+    G.channels_last = D.channels_last = True  # activations too (the nets' model.channels_last flag)
+    out["channels_last"] = f"{run(to_channels_last(G), to_channels_last(D), nullcontext()):.3g}"
+    try:
+        out["bf16 autocast"] = f"{run(*nets(), torch.autocast(device().type, dtype=torch.bfloat16)):.3g}"
+    except Exception as exc:  # an op without a bf16 kernel on this CPU
+        out["bf16 autocast"] = f"fails: {type(exc).__name__}"
+    try:
+        G, D = nets()
+        t0 = time.perf_counter()
+        cg, cd = torch.compile(G), torch.compile(D)
+        rate = run(cg, cd, nullcontext())
+        out["torch.compile"] = f"{rate:.3g} (incl. compile {time.perf_counter() - t0:.0f} s)"
+    except Exception as exc:  # no C++ compiler, or an unsupported op
+        out["torch.compile"] = f"fails: {type(exc).__name__}: {str(exc).splitlines()[0][:60]}"
+    return out
+
+
+# -- shared CPU ---------------------------------------------------------------------------------------------------
+SHARED_VARIANTS: dict[str, dict[str, str]] = {
+    "2 threads (torch default)": {"GANLAB_BENCH_THREADS": "2"},
+    "2 threads, OMP_WAIT_POLICY=PASSIVE": {"GANLAB_BENCH_THREADS": "2", "OMP_WAIT_POLICY": "PASSIVE"},
+    "1 thread": {"GANLAB_BENCH_THREADS": "1"},
+}
+
+
+def _child_rate(steps: int) -> None:
+    """Child process: the default digits pipeline's steady steps/s, printed as ``RATE <x>``."""
+    threads = os.environ.get("GANLAB_BENCH_THREADS", "")
+    cfg = compose(["data=digits", "metrics=none", *([f"model.threads={threads}"] if threads else [])])
+    with tempfile.TemporaryDirectory() as tmp:
+        rate, _ = pipeline_run(cfg, steps, max(2, steps // 5), Path(tmp))
+    print(f"RATE {rate}", flush=True)
+
+
+def shared_rates(steps: int, rounds: int) -> list[tuple[str, float, float]]:
+    """Per thread setting: (name, alone steps/s, beside one CPU-bound process steps/s), medians of ``rounds``."""
+    out = []
+    for name, env in SHARED_VARIANTS.items():
+        alone, beside = [], []
+        for _ in range(rounds):
+            for busy in (False, True):
+                hog = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if busy else None
+                try:
+                    res = subprocess.run(
+                        [sys.executable, "-m", "ganlab.bench", "--child-rate", str(steps)],
+                        env={**os.environ, **env},
+                        capture_output=True,
+                        text=True,
+                        check=True,
+                    )
+                finally:
+                    if hog is not None:
+                        hog.kill()
+                        hog.wait()
+                rate = float(next(ln for ln in res.stdout.splitlines() if ln.startswith("RATE")).split()[1])
+                (beside if busy else alone).append(rate)
+        out.append((name, statistics.median(alone), statistics.median(beside)))
+    return out
+
+
+# -- the table ----------------------------------------------------------------------------------------------------
+def machine() -> str:
+    """CPU model, cores, torch version."""
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return f"{cpu}, {os.cpu_count()} cores{gpu}, torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ganlab.bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a short version (< 60 s): fewer steps and rounds")
+    parser.add_argument("--rounds", type=int, default=None, help="pipeline/plain rounds per setting (default 3)")
+    parser.add_argument("--options", action="store_true", help="also channels_last, bf16 and torch.compile")
+    parser.add_argument("--shared", action="store_true", help="also digits alone / beside a busy process")
+    parser.add_argument("--no-eval", action="store_true", help="skip the evaluation rows")
+    parser.add_argument(
+        "--settings", default="ring8,digits,32x32", help="pipeline/plain settings to run: ring8,digits,32x32 or none"
+    )
+    parser.add_argument("--child-rate", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child_rate is not None:
+        _child_rate(args.child_rate)
+        return 0
+    import logging
+    import warnings
+
+    from ganlab.pipeline import _quiet_lightning
+
+    _quiet_lightning()
+    logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
+    logging.getLogger("lightning_fabric").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+    quick = args.quick
+    rounds = args.rounds or (1 if quick else 3)
+    steps = {"ring8": 80, "digits": 30, "32x32": 5} if quick else {"ring8": 1500, "digits": 400, "32x32": 14}
+    chosen = [k for k in args.settings.split(",") if k and k != "none"]
+    lines = [f"# ganlab benchmark ({'quick' if quick else 'full'}): {machine()}", ""]
+
+    def emit(text: str = "") -> None:
+        lines.append(text)
+        print(text, flush=True)
+
+    print(lines[0], flush=True)
+    t_start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        emit("| setting | pipeline G steps/s | plain loop G steps/s | ratio |")
+        emit("|---|---|---|---|")
+        results: dict[str, Any] = {}
+        rates: dict[str, float] = {}
+        for name, overrides in SETTINGS.items():
+            key = name.split()[0]
+            if key not in chosen:
+                continue
+            speed, results[key] = compare(name, overrides, steps[key], rounds, work)
+            rates[key] = speed.pipeline
+            emit(f"| {name} | {speed.pipeline:.3g} | {speed.plain:.3g} | {speed.ratio:.3f} |")
+        module32 = None
+        if "32x32" in results:
+            cfg32, module32 = results["32x32"]
+            set_threads(cfg32)
+            gflop = step_gflop(module32)
+            rate32 = statistics.median(
+                [plain_rate(module32, cfg32, steps["32x32"], 1) for _ in range(1 if quick else 2)]
+            )
+            mm = matmul_gflops()
+            emit()
+            emit(f"32x32 DCGAN step: {gflop:.1f} GFLOP, {gflop * rate32:.0f} GFLOP/s (plain loop); "
+                 f"float32 2048x2048 matmul: {mm:.0f} GFLOP/s ({gflop * rate32 / mm:.2f}x)")  # fmt: skip
+        if not args.no_eval:
+            emit()
+            emit("| data | eval samples | one evaluation s | pipeline G steps/s | evaluations | share of default run |")
+            emit("|---|---|---|---|---|---|")
+            for data in BUILTIN_DATA:
+                n = 500 if quick and data == "stacked_digits" else None  # --quick: not the 26k protocol
+                known = rates.get(data) if quick else None  # --quick reuses the setting's rate (batch 64 / 256)
+                cost = eval_cost(data, 30 if quick else 300, n, work, rate=known)
+                emit(f"| {data} | {cost.n_samples} | {cost.seconds:.2f} | {cost.steps_per_s:.3g} | {cost.evals} | "
+                     f"{100 * cost.share:.1f} % |")  # fmt: skip
+        emit()
+        emit("| minibatch discrimination, n=256, A=128 | forward+backward ms |")
+        emit("|---|---|")
+        mlp = compose(["model=mlp"]).model.minibatch
+        for b, c in ((100, 5), (int(mlp.n_kernels), int(mlp.kernel_dim))):
+            emit(f"| B={b}, C={c} | {md_ms(256, 128, b, c, reps=3 if quick else 7):.1f} |")
+        if args.options and module32 is not None:
+            emit()
+            emit("| 32x32 DCGAN plain loop, option | G steps/s |")
+            emit("|---|---|")
+            for name, value in option_rates(module32, max(3, steps["32x32"] // 2)).items():
+                emit(f"| {name} | {value} |")
+            try:
+                bf16 = compose([*SETTINGS["32x32 DCGAN b64"], "trainer.precision=bf16-mixed"])
+                rate, _ = pipeline_run(bf16, max(4, steps["32x32"] // 2), 1, work / "bf16")
+                emit(f"| pipeline, trainer.precision=bf16-mixed | {rate:.3g} |")
+            except Exception as exc:
+                emit(f"| pipeline, trainer.precision=bf16-mixed | fails: {type(exc).__name__} |")
+        if args.shared:
+            emit()
+            emit("| default digits run, threads | alone G steps/s | beside 1 busy process | kept |")
+            emit("|---|---|---|---|")
+            for name, alone, beside in shared_rates(100 if quick else 400, 1 if quick else 3):
+                emit(f"| {name} | {alone:.3g} | {beside:.3g} | {100 * beside / alone:.0f} % |")
+    emit()
+    emit(f"measured in {time.perf_counter() - t_start:.0f} s; load average now {os.getloadavg()[0]:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

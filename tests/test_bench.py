@@ -1,0 +1,78 @@
+"""The benchmark command (python -m ganlab.bench): both loops do the same work, and the table prints.
+
+No speed is asserted here (a timed test fails on a busy machine); the figures are the benchmark's output.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from ganlab import bench
+
+
+@pytest.mark.parametrize("d_steps", [1, 2])
+def test_plain_loop_and_pipeline_take_the_same_optimizer_steps(tmp_path: Path, d_steps: int) -> None:
+    cfg = bench.compose(["data=ring8", "model=mlp", "metrics=none", f"d_steps={d_steps}"])
+    steps = 6
+    _, module = bench.pipeline_run(cfg, steps, 1, tmp_path)
+    assert (module.d_updates, module.g_step) == (d_steps * steps, steps)
+    n_d, n_g = bench.plain_loop(
+        module.G, module.D, module.data, steps=steps, batch_size=module.batch_size, d_steps=d_steps,
+        z_dim=module.z_dim, optim_g=module.optim_g, optim_d=module.optim_d,
+    )  # fmt: skip
+    assert (n_d, n_g) == (module.d_updates, module.g_step)
+
+
+def test_plain_loop_updates_only_the_player_it_steps() -> None:
+    from ganlab.pipeline import build
+
+    module = build(bench.compose(["data=ring8", "model=mlp", "metrics=none"]))
+    G, D = module.G, module.D
+    before_g = [p.detach().clone() for p in G.parameters()]
+    bench.plain_loop(G, D, module.data, steps=1, batch_size=8, d_steps=1, z_dim=module.z_dim,
+                     optim_g=module.optim_g, optim_d=module.optim_d)  # fmt: skip
+    assert any(not torch.equal(a, b) for a, b in zip(before_g, G.parameters()))
+    assert all(p.requires_grad for p in D.parameters())  # D is unfrozen again after the G update
+
+
+def test_steady_rate_skips_warmup_and_the_last_step() -> None:
+    times = [0.0, 5.0, 6.0, 7.0, 8.0, 100.0]  # a slow first step and a slow (saving) last step
+    assert bench.steady_rate(times, 1) == pytest.approx(1.0)
+    with pytest.raises(ValueError):
+        bench.steady_rate(times[:3], 1)
+
+
+def test_synthetic_images_are_32x32_rgb_uint8() -> None:
+    data = bench.SyntheticImages(n=16)
+    data.setup()
+    assert data.train_x.shape == (16, 3, 32, 32) and data.train_x.dtype == torch.uint8
+    assert data.shape == (3, 32, 32)
+
+
+def test_the_table_prints(capsys: pytest.CaptureFixture[str]) -> None:
+    assert bench.main(["--quick", "--settings", "ring8", "--no-eval"]) == 0
+    out = capsys.readouterr().out
+    assert "| setting | pipeline G steps/s | plain loop G steps/s | ratio |" in out
+    assert "| ring8 MLP b256 |" in out
+    assert "| B=100, C=5 |" in out and "| B=10, C=3 |" in out  # the mlp model's minibatch sizes
+    assert "Intel" in out or "AMD" in out or "cores" in out  # the machine line
+
+
+def test_evaluation_share_counts_every_due_step() -> None:
+    assert bench._evals_in_run(2000, 1000) == 2
+    assert bench._evals_in_run(2000, 300) == 7  # 300, ..., 1800 and the last step
+
+
+@pytest.mark.slow
+def test_quick_benchmark_finishes_within_a_minute() -> None:
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "ganlab.bench", "--quick"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "| digits |" in proc.stdout and "share of default run" in proc.stdout
+    assert time.perf_counter() - t0 < 60  # on an idle 2-core machine

@@ -1,0 +1,103 @@
+"""The GPU path: bf16 autocast, channels_last, torch.compile, no host syncs in the step, the MD layer on the GPU.
+
+Marked ``cuda`` and skipped without a CUDA device; ``scripts/gpu_check.sh`` runs them (with the benchmark).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from ganlab import bench
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+
+def _train(tmp_path: Path, *overrides: str) -> dict:
+    from ganlab.pipeline import train
+
+    cfg = bench.compose(["data=digits", "max_steps=30", "log_every=10", "metrics=none", "trainer.accelerator=gpu",
+                         *overrides])  # fmt: skip
+    return train(cfg, tmp_path / "run")
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_pipeline_trains_on_the_gpu(tmp_path: Path, precision: str) -> None:
+    summary = _train(tmp_path, f"trainer.precision={precision}")
+    assert summary["status"] == "completed" and summary["g_steps"] == 30
+    assert all(torch.isfinite(torch.tensor(v)) for k, v in summary["final"].items() if k.startswith("loss/"))
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["status"] == "completed"
+
+
+def test_channels_last_nets_compute_the_same_function() -> None:
+    from ganlab.nets import DCGANDiscriminator, DCGANGenerator
+
+    torch.manual_seed(0)
+    G, D = DCGANGenerator((3, 32, 32)).cuda(), DCGANDiscriminator((3, 32, 32)).cuda()
+    torch.manual_seed(0)
+    Gc = DCGANGenerator((3, 32, 32), channels_last=True).cuda()
+    Dc = DCGANDiscriminator((3, 32, 32), channels_last=True).cuda()
+    z = torch.randn(16, 64, device="cuda")
+    with torch.no_grad():
+        torch.testing.assert_close(Gc(z), G(z), atol=1e-4, rtol=1e-4)
+        x = G(z)
+        torch.testing.assert_close(Dc(x)[0], D(x)[0], atol=1e-4, rtol=1e-4)
+
+
+def test_compiled_nets_train(tmp_path: Path) -> None:
+    summary = _train(tmp_path, "model.compile=true", "model.channels_last=true")
+    assert summary["status"] == "completed"
+
+
+def test_no_host_sync_in_a_training_step_outside_log_steps(tmp_path: Path) -> None:
+    """``torch.cuda.set_sync_debug_mode("error")`` raises on any synchronising call (``.item()``, ``bool()``,
+    ``float()`` of a device tensor, a non-blocking copy's wait) inside training_step between log steps."""
+    from ganlab.tasks.gan import GANModule
+    from ganlab.util import is_due
+
+    original = GANModule.training_step
+    checked = []
+
+    def strict_step(self, batch, batch_idx):
+        if is_due(self.g_step + 1, self.log_every, self.max_steps) or self.g_step < 2:
+            return original(self, batch, batch_idx)  # log steps sync once by design; the first steps allocate
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return original(self, batch, batch_idx)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+            checked.append(self.g_step)
+
+    GANModule.training_step = strict_step
+    try:
+        _train(tmp_path)
+    finally:
+        GANModule.training_step = original
+    assert len(checked) >= 20
+
+
+def test_minibatch_discrimination_on_the_gpu_matches_the_cpu() -> None:
+    from ganlab.tricks.minibatch_discrimination import MinibatchDiscrimination
+
+    torch.manual_seed(0)
+    layer = MinibatchDiscrimination(128, n_kernels=100, kernel_dim=5)
+    layer.initialised.fill_(True)
+    x = torch.randn(256, 128, requires_grad=True)
+    layer(x).sum().backward()
+    xg = x.detach().cuda().requires_grad_(True)
+    layer_g = layer.cuda()
+    out = layer_g(xg)
+    out.sum().backward()
+    torch.testing.assert_close(xg.grad.cpu(), x.grad, atol=1e-3, rtol=1e-3)
+
+
+def test_benchmark_runs_on_the_gpu(capsys: pytest.CaptureFixture[str]) -> None:
+    assert bench.device().type == "cuda"
+    assert bench.main(["--quick", "--settings", "digits", "--no-eval"]) == 0
+    assert "| digits DCGAN b64 |" in capsys.readouterr().out
