@@ -56,7 +56,7 @@ def test_synthetic_images_are_32x32_rgb_uint8() -> None:
 
 
 def test_the_table_prints(capsys: pytest.CaptureFixture[str]) -> None:
-    assert bench.main(["--quick", "--settings", "ring8", "--no-eval"]) == 0
+    assert bench.main(["--quick", "--rounds", "1", "--settings", "ring8", "--no-eval"]) == 0
     out = capsys.readouterr().out
     assert "| setting | pipeline G steps/s | plain loop G steps/s | ratio |" in out
     assert "| ring8 MLP b256 |" in out

@@ -9,10 +9,13 @@ one-line reason.
 
 from __future__ import annotations
 
+import functools
 import re
 import shlex
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -91,6 +94,14 @@ def _train_tiny(overrides: list[str], run_dir: Path) -> dict:
     return train(cfg, run_dir)
 
 
+@functools.cache
+def _tiny_sweep() -> Path:
+    root = Path(tempfile.mkdtemp(prefix="readme-sweep-"))
+    for seed in (0, 1):
+        _train_tiny(["data=ring8", f"seed={seed}"], root / f"{seed}")
+    return root
+
+
 def test_the_readme_shows_the_commands_this_test_knows() -> None:
     scripts = {shlex.split(c)[1] for c in COMMANDS}
     assert {"src/train.py", "src/report.py"} <= scripts
@@ -119,8 +130,7 @@ def test_every_readme_command_runs(command: str, tmp_path: Path) -> None:
         from ganlab.report import main
 
         runs = tmp_path / "sweep"
-        for seed in (0, 1):
-            _train_tiny(["data=ring8", f"seed={seed}"], runs / f"{seed}")
+        shutil.copytree(_tiny_sweep(), runs)  # two tiny runs, trained once for every report command
         flags = [a for a in args if a.startswith("-")]  # the folder (a placeholder) becomes this test's sweep
         assert main([str(runs), *flags]) == 0
         assert (runs / "report.md").is_file()

@@ -119,7 +119,7 @@ def pipeline_run(cfg: Any, steps: int, warmup: int, workdir: Path) -> tuple[floa
     import pytorch_lightning as pl
     from omegaconf import OmegaConf
 
-    from ganlab.pipeline import build, callbacks
+    from ganlab.pipeline import build, callbacks, make_trainer
     from ganlab.tracking import make_loggers
 
     cfg = copy.deepcopy(cfg)
@@ -130,17 +130,8 @@ def pipeline_run(cfg: Any, steps: int, warmup: int, workdir: Path) -> tuple[floa
     module = build(cfg)
     workdir.mkdir(parents=True, exist_ok=True)
     timer = _timer_callback()
-    trainer = pl.Trainer(
-        **OmegaConf.to_container(cfg.trainer, resolve=True),
-        max_steps=steps * module.schedule.optimizer_steps,
-        logger=make_loggers(cfg.logger, workdir, {}) or False,
-        callbacks=[*callbacks(cfg, workdir), timer],
-        default_root_dir=str(workdir),
-        enable_progress_bar=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        log_every_n_steps=1,
+    trainer = make_trainer(
+        cfg, module, workdir, make_loggers(cfg.logger, workdir, {}), [*callbacks(cfg, workdir), timer]
     )
     with contextlib.redirect_stdout(io.StringIO()):  # the pipeline's progress lines
         trainer.fit(module)

@@ -196,6 +196,28 @@ def _quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*isinstance.treespec, LeafSpec.*")
 
 
+def make_trainer(
+    cfg: DictConfig, module: GANModule, run_dir: Path, loggers: list, cbs: list[pl.Callback]
+) -> pl.Trainer:
+    """The Lightning Trainer of a run: the budget in optimizer steps read from the module's schedule, the
+    project's own progress, checkpoints and logging (Lightning's are off)."""
+    return pl.Trainer(
+        **OmegaConf.to_container(cfg.trainer, resolve=True),
+        # under manual optimisation Lightning's global_step advances once per optimizer step
+        max_steps=cfg.max_steps * module.schedule.optimizer_steps,
+        logger=loggers or False,
+        callbacks=cbs,
+        default_root_dir=str(run_dir),
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        log_every_n_steps=1,
+        # submitit requeues preempted jobs; Lightning's own SLURM auto-requeue would be a second mechanism
+        plugins=[SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else None,
+    )
+
+
 def _writable(run_dir: Path) -> None:
     """Fail in one line when the run folder cannot be created or written (before anything else is)."""
     try:
@@ -300,21 +322,7 @@ def train(cfg: DictConfig, run_dir: Path, *, identity: Mapping[str, Any] | None 
         preemption = next(cb for cb in cbs if isinstance(cb, Preemption))
         preemption.install()  # a signal from here on stops the run at a step boundary, with a checkpoint
         try:
-            trainer = pl.Trainer(
-                **OmegaConf.to_container(cfg.trainer, resolve=True),
-                # under manual optimisation Lightning's global_step advances once per optimizer step
-                max_steps=cfg.max_steps * module.schedule.optimizer_steps,
-                logger=loggers or False,
-                callbacks=cbs,
-                default_root_dir=str(run_dir),
-                enable_progress_bar=False,
-                enable_checkpointing=False,
-                enable_model_summary=False,
-                num_sanity_val_steps=0,
-                log_every_n_steps=1,
-                # submitit requeues preempted jobs; Lightning's own SLURM auto-requeue would be a second mechanism
-                plugins=[SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else None,
-            )
+            trainer = make_trainer(cfg, module, run_dir, loggers, cbs)
         except (ValueError, MisconfigurationException) as exc:
             raise UserError(f"trainer: {str(exc).splitlines()[0]}") from None
         device = trainer.strategy.root_device.type
