@@ -33,6 +33,24 @@ TINY = [
 ]
 
 
+def fit_in_process(module, g_steps: int, callbacks: Sequence = ()):
+    """Train ``module`` for ``g_steps`` generator steps under a bare Trainer (no logger; the budget in optimizer
+    steps read from the module's schedule); returns the Trainer."""
+    import pytorch_lightning as pl
+
+    trainer = pl.Trainer(
+        max_steps=g_steps * module.schedule.optimizer_steps,
+        logger=False,
+        callbacks=list(callbacks),
+        accelerator="cpu",
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module)
+    return trainer
+
+
 def comparison_arms() -> list[str]:
     """THE list of comparison arms (conf/sweep/arms.yaml), in the order the sweeps run them."""
     import yaml

@@ -10,21 +10,9 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from conftest import TINY, compose_cfg
+from conftest import TINY, compose_cfg, fit_in_process
 from ganlab.errors import Diverged
 from ganlab.pipeline import build, train
-
-
-def _trainer(max_g_steps: int, d_steps: int, callbacks: list) -> pl.Trainer:
-    return pl.Trainer(
-        max_steps=max_g_steps * (d_steps + 1),
-        logger=False,
-        callbacks=callbacks,
-        accelerator="cpu",
-        enable_progress_bar=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-    )
 
 
 class Spy(pl.Callback):
@@ -72,8 +60,7 @@ def test_exactly_k_d_updates_per_g_update_each_on_a_fresh_batch(loss: str) -> No
     noise: list[torch.Tensor] = []
     module.G.register_forward_pre_hook(lambda net, args: noise.append(args[0].detach().clone()))
     spy = Spy()
-    trainer = _trainer(5, 3, [spy])
-    trainer.fit(module)
+    trainer = fit_in_process(module, 5, [spy])
 
     players = [e[0] for e in spy.events]
     assert players == ["D", "D", "D", "G"] * 5

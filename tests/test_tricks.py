@@ -5,12 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import CONF, TINY, compose_cfg, run_cli
+from conftest import CONF, TINY, compose_cfg, fit_in_process, run_cli
 from ganlab.losses import FeatureMatching
 from ganlab.nets import DCGANDiscriminator, DCGANGenerator, MLPGenerator, Prior
 from ganlab.pipeline import build, train
@@ -24,19 +23,6 @@ from ganlab.tricks import (
 
 TRICKS = sorted(p.stem for p in (CONF / "tricks").glob("*.yaml"))
 ARMS = sorted(p.stem for p in (CONF / "loss").glob("*.yaml"))
-
-
-def _fit(module, g_steps: int) -> None:
-    """Train ``module`` in-process for ``g_steps`` generator steps (no logger, no callbacks)."""
-    steps = g_steps * (len(module.schedule.updates))
-    pl.Trainer(
-        max_steps=steps,
-        logger=False,
-        accelerator="cpu",
-        enable_progress_bar=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-    ).fit(module)
 
 
 def _spy_on_backward(module) -> list[tuple[str, float]]:
@@ -70,7 +56,7 @@ def test_label_smoothing_changes_only_the_real_side_targets() -> None:
 
     module.objective.discriminator = spy
     backward = _spy_on_backward(module)
-    _fit(module, 2)
+    fit_in_process(module, 2)
     assert len(calls) == 2
     for (real, fake, loss), (_, minimised) in zip(calls, [b for b in backward if b[0] == "D"], strict=True):
         expected = (0.8 * F.softplus(-real) + 0.2 * F.softplus(real)).mean() + F.softplus(fake).mean()
@@ -105,7 +91,7 @@ def test_historical_averaging_penalty_by_hand_and_through_a_checkpoint() -> None
     objective.discriminator = lambda *a, **k: _record(values, inner_d(*a, **k))
     objective.generator = lambda *a, **k: _record(values, inner_g(*a, **k))
     backward = _spy_on_backward(module)
-    _fit(module, 3)
+    fit_in_process(module, 3)
     trick = module.tricks[0]
     assert len(values) == len(backward) == 6
     penalties = [minimised - value for (_, minimised), value in zip(backward, values, strict=True)]
@@ -301,7 +287,7 @@ def test_feature_matching_sees_a_shifted_cloud_through_batch_norm_in_d() -> None
         with torch.no_grad():
             module.G.net[-1].bias.add_(torch.tensor([20.0, 0.0]))  # every fake lands ~20 units right of the ring
         values = _g_losses(module)
-        _fit(module, 1)
+        fit_in_process(module, 1)
         losses[tricks] = values[0]
     assert losses["[]"] > 10
     assert losses["[batch_norm_d]"] > 0.2 * losses["[]"]  # same order as without batch norm, not ~1e-3 of it
@@ -314,7 +300,7 @@ def test_d_batch_norm_statistics_come_from_real_batches_only() -> None:
         assert bns
         with torch.no_grad():
             module.G.net[-1].bias.add_(100.0)  # fakes far away: any fake pass would drag the running mean
-        _fit(module, 3)
+        fit_in_process(module, 3)
         assert module.d_updates == 6
         # one update per D step's real pass: not the fake pass, not the G step's passes
         assert all(int(bn.num_batches_tracked) == module.d_updates for bn in bns)

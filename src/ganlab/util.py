@@ -6,6 +6,7 @@ disagree about which generator steps they act on.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -37,8 +38,15 @@ def eval_mode(net: nn.Module) -> Iterator[nn.Module]:
         net.train(was_training)
 
 
+_BATCH_NORMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def _batch_norms(net: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
-    return [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    """``net``'s batch-norm layers, found once per network: the training step asks for them at every update, and
+    a network's layers do not change after it is built."""
+    if net not in _BATCH_NORMS:
+        _BATCH_NORMS[net] = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    return _BATCH_NORMS[net]
 
 
 @contextmanager
@@ -54,20 +62,6 @@ def frozen_norm_stats(net: nn.Module) -> Iterator[nn.Module]:
     finally:
         for m in layers:
             m.track_running_stats = True
-
-
-@contextmanager
-def norm_eval_mode(net: nn.Module) -> Iterator[nn.Module]:
-    """``net``'s batch-norm layers in eval mode (running statistics, nothing updated) for the block; every other
-    layer keeps its mode. An example's normalised features then depend on that example alone."""
-    layers = [m for m in _batch_norms(net) if m.training]
-    for m in layers:
-        m.eval()
-    try:
-        yield net
-    finally:
-        for m in layers:
-            m.train()
 
 
 def chunked(fn: Callable[[Tensor], Tensor], x: Tensor, size: int) -> Tensor:
