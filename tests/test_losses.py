@@ -173,6 +173,25 @@ def test_minibatch_discrimination_starts_as_the_authors_code_does() -> None:
     torch.testing.assert_close(layer.T.detach().norm(dim=0), layer.log_scale.detach().exp())
 
 
+def test_minibatch_discrimination_scale_by_mean_or_none() -> None:
+    """``scale_by=mean``: half the mean distance over all pairs j != i is 1 in every kernel after the first batch
+    (the bias still centres o); ``scale_by=none``: the authors' constant initialisers, untouched by data."""
+    torch.manual_seed(0)
+    layer = MinibatchDiscrimination(16, n_kernels=8, kernel_dim=5, scale_by="mean").train()
+    x = 3.0 * torch.randn(64, 16)
+    out = layer(x)
+    m = (x @ layer.T.detach().view(16, 40)).view(64, 8, 5).transpose(0, 1)  # [B, n, C]
+    d = torch.cdist(m, m, p=1)
+    torch.testing.assert_close(0.5 * d.sum(dim=(1, 2)) / (64 * 63), torch.ones(8), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out[:, 16:].mean(0), torch.zeros(8), rtol=0, atol=1e-5)
+    fixed = MinibatchDiscrimination(16, n_kernels=8, kernel_dim=5, scale_by="none").train()
+    fixed(x)
+    assert torch.equal(fixed.log_scale.detach(), torch.zeros(8, 5))
+    assert torch.equal(fixed.bias.detach(), torch.full((8,), -1.0))
+    with pytest.raises(ValueError, match="scale_by"):
+        MinibatchDiscrimination(16, scale_by="median")
+
+
 def test_minibatch_discrimination_sees_the_batch() -> None:
     """Identical examples are maximally similar: a collapsed batch is visible to D."""
     layer = MinibatchDiscrimination(5, n_kernels=3, kernel_dim=2).eval()

@@ -14,6 +14,7 @@ from ganlab.losses import FeatureMatching
 from ganlab.nets import DCGANDiscriminator, DCGANGenerator, MLPGenerator, Prior
 from ganlab.pipeline import build, train
 from ganlab.tricks import (
+    AveragedGenerator,
     HistoricalAveraging,
     LabelSmoothing,
     LayerInsert,
@@ -323,3 +324,62 @@ def test_equilibrium_runs_d_in_training_size_chunks() -> None:
         module.D.train()
     assert values["eval/D(x_test)"] == pytest.approx(chunked.mean().item(), rel=1e-6)
     assert values["eval/D(x_test)"] != pytest.approx(whole.mean().item(), rel=1e-6)
+
+
+def test_ema_of_g_follows_its_recursion_samples_the_average_and_trains_the_live_weights(tmp_path: Path) -> None:
+    common = [*TINY, "tricks=[ema]", "tricks.ema.decay=0.5", "model.lr_decay=none", "seed=3", "ckpt_every=2"]
+    module = build(compose_cfg([*common, "max_steps=4"]))
+    wrapped = module.G
+    assert isinstance(wrapped, AveragedGenerator)
+    live = wrapped.inner
+    history = [[p.detach().clone() for p in live.parameters()]]
+    spy = module.tricks[0].after_update
+
+    def record(player, net):
+        spy(player, net)
+        if player == "G":
+            history.append([p.detach().clone() for p in live.parameters()])
+
+    module.tricks[0].after_update = record
+    fit_in_process(module, 4)
+    # by hand: ema_0 = theta_0; ema_t = b_t ema_{t-1} + (1 - b_t) theta_t, b_t = min(decay, (1 + t) / (10 + t))
+    expected = history[0]
+    for t, theta in enumerate(history[1:], start=1):
+        b = min(0.5, (1 + t) / (10 + t))
+        expected = [b * e + (1 - b) * p for e, p in zip(expected, theta, strict=True)]
+    assert len(history) == 5 and int(wrapped.updates) == 4
+    for got, want, now in zip(wrapped.averaged(), expected, history[-1], strict=True):
+        torch.testing.assert_close(got, want)
+        assert not torch.equal(got, now)  # the average is not the live weights
+    assert len(list(wrapped.parameters())) == len(history[0])  # the average is never trained
+    z = torch.randn(5, module.z_dim)
+    averaged_g = MLPGenerator((2,), z_dim=module.z_dim, width=16)
+    with torch.no_grad():
+        for p, e in zip(averaged_g.parameters(), expected, strict=True):
+            p.copy_(e)
+    torch.testing.assert_close(module.sample(z=z), averaged_g(z))  # what users see: the average
+    wrapped.train()
+    torch.testing.assert_close(wrapped(z), live(z))  # what the game trains: the live weights
+    # the average is checkpointed: a resumed run ends where an uninterrupted one does
+    full = train(compose_cfg([*common, "max_steps=4"]), tmp_path / "full")
+    train(compose_cfg([*common, "max_steps=2"]), tmp_path / "a")
+    resumed = train(compose_cfg([*common, "max_steps=4", f"resume={tmp_path / 'a'}"]), tmp_path / "b")
+    a = torch.load(tmp_path / "full" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "b" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert [k for k in a if k.startswith("G.ema")] and all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed["final"] == full["final"]
+
+
+def test_spectral_norm_bounds_every_d_layer_and_leaves_g_alone() -> None:
+    module = build(compose_cfg([*TINY, "tricks=[spectral_norm]"]))
+    layers = [m for m in module.D.modules() if isinstance(m, nn.Linear)]
+    assert len(layers) == 4  # 3 hidden + the output layer
+    module.D.train()
+    x = torch.randn(32, 2)
+    for _ in range(30):  # one power iteration per training pass
+        module.D(x)
+    module.D.eval()
+    for layer in layers:
+        sigma = torch.linalg.matrix_norm(layer.weight.detach(), ord=2)
+        assert sigma.item() == pytest.approx(1.0, abs=0.02)
+    assert not any(hasattr(m, "parametrizations") for m in module.G.modules())

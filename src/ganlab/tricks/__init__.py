@@ -7,13 +7,17 @@ before training (a normalisation factory, inserted layers, a wrapped G), the D l
 
 from ganlab.tricks.base import LayerInsert, Player, Trick, network_args
 from ganlab.tricks.batch_norm_d import BatchNormD
+from ganlab.tricks.ema import AveragedGenerator, GeneratorEMA
 from ganlab.tricks.historical_averaging import HistoricalAveraging
 from ganlab.tricks.label_smoothing import LabelSmoothing
 from ganlab.tricks.minibatch_discrimination import MinibatchDiscrimination, MinibatchDiscriminationD
+from ganlab.tricks.spectral_norm import SpectralNormD
 from ganlab.tricks.virtual_batch_norm import ReferenceBatch, VirtualBatchNorm, VirtualBatchNormG
 
 __all__ = [
+    "AveragedGenerator",
     "BatchNormD",
+    "GeneratorEMA",
     "HistoricalAveraging",
     "LabelSmoothing",
     "LayerInsert",
@@ -21,6 +25,7 @@ __all__ = [
     "MinibatchDiscriminationD",
     "Player",
     "ReferenceBatch",
+    "SpectralNormD",
     "Trick",
     "VirtualBatchNorm",
     "VirtualBatchNormG",

@@ -15,6 +15,8 @@ from ganlab.tricks.base import LayerInsert, Player, Trick
 
 log = logging.getLogger(__name__)
 
+SCALE_BY = ("nearest", "mean", "none")  # the first batch's distance that sets T's scale (MinibatchDiscrimination)
+
 # -- the similarity o(x) and its gradient ---------------------------------------------------------------------
 #
 # With M in R^{B x C x n} (kernel b, coordinate c, example i):
@@ -206,26 +208,46 @@ class MinibatchDiscrimination(nn.Module):
 
     The authors' initialisation (improved-gan's ``MinibatchLayer``): ``T`` is weight-normalised,
     ``T[:, b, c] = exp(log_scale[b, c]) * theta[:, b, c] / ||theta[:, b, c]||``, ``theta ~ N(0, init_std^2)``;
-    on the first training batch ``log_scale`` is set so that half the mean distance of an example to its nearest
-    neighbour is 1 in every kernel, and ``bias`` to minus the mean of ``o``, so the new features start centred
-    and neither dead (all ``c`` ~ 0) nor saturated (all ``c`` ~ 1). ``initialised`` is a buffer: a resumed run
-    does not initialise again.
+    on the first training batch (real data) ``log_scale`` is set so that half the mean distance of an example to
+    its nearest neighbour is 1 in every kernel (``scale_by="nearest"``), and ``bias`` to minus the mean of ``o``,
+    so the new features start centred and neither dead (all ``c`` ~ 0) nor saturated (all ``c`` ~ 1).
+    ``initialised`` is a buffer: a resumed run does not initialise again.
+
+    ``scale_by="mean"`` sets half the mean distance between all pairs of the batch to 1 instead. On data made of
+    tight clusters (the 2-D mixtures: 32 points of a ring8 batch share a mode of std 0.01) the nearest neighbour
+    is a same-mode point, so the authors' rule scales the kernels to resolve the data's noise (x5,000 on ring8):
+    D then separates real from fake by their local density at that scale, where G's gradient carries no useful
+    direction, and wins outright (measured: ring8, 10,000 steps, D(x) 1.00 / D(G(z)) 0.01 from step 2,500).
+    The mean distance is the scale of the modes' layout, the one G has to get right. ``scale_by="none"`` skips
+    the data-dependent step (unit-norm columns of ``T``, bias -1: the authors' constant initialisers).
     """
 
     flat_output = True  # [n, A + B] out, for flat or conv input alike
 
-    def __init__(self, in_features: int, n_kernels: int = 100, kernel_dim: int = 5, init_std: float = 0.05) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        n_kernels: int = 100,
+        kernel_dim: int = 5,
+        init_std: float = 0.05,
+        scale_by: str = "nearest",
+    ) -> None:
         super().__init__()
         if n_kernels < 1 or kernel_dim < 1:
             raise ValueError(
                 f"minibatch discrimination needs n_kernels, kernel_dim >= 1 (got {n_kernels}, {kernel_dim})"
             )
+        if scale_by not in SCALE_BY:
+            raise ValueError(
+                f"minibatch discrimination: scale_by must be one of {', '.join(SCALE_BY)} (got {scale_by!r})"
+            )
+        self.scale_by = scale_by
         self.in_features, self.n_kernels, self.kernel_dim = in_features, n_kernels, kernel_dim
         self.extra_features = n_kernels  # what the layer appends: B similarity features
         self.theta = nn.Parameter(torch.randn(in_features, n_kernels, kernel_dim) * init_std)  # [A, B, C]
         self.log_scale = nn.Parameter(torch.zeros(n_kernels, kernel_dim))  # [B, C]
         self.bias = nn.Parameter(torch.full((n_kernels,), -1.0))  # [B]
-        self.register_buffer("initialised", torch.tensor(False))
+        self.register_buffer("initialised", torch.tensor(scale_by == "none"))
 
     @property
     def T(self) -> Tensor:
@@ -249,9 +271,13 @@ class MinibatchDiscrimination(nn.Module):
         if m.shape[1] < 2:
             return  # one example has no neighbour: wait for a real batch
         dist_ = torch.cdist(m, m, p=1)  # [B, n, n]
-        dist_.diagonal(dim1=1, dim2=2).fill_(float("inf"))
-        half_mean_min = 0.5 * dist_.min(dim=2).values.mean(dim=1)  # [B]
-        self.log_scale.sub_(half_mean_min.clamp_min(1e-12).log()[:, None])
+        n = m.shape[1]
+        if self.scale_by == "mean":
+            half = 0.5 * dist_.sum(dim=(1, 2)) / (n * (n - 1))  # [B]: half the mean over pairs j != i
+        else:
+            dist_.diagonal(dim1=1, dim2=2).fill_(float("inf"))
+            half = 0.5 * dist_.min(dim=2).values.mean(dim=1)  # [B]: half the mean nearest-neighbour distance
+        self.log_scale.sub_(half.clamp_min(1e-12).log()[:, None])
         o = similarity_reference(self.kernels(x))  # [B, n] under the new scale
         self.bias.copy_(-o.mean(dim=1))
         if dist.is_available() and dist.is_initialized():  # every rank starts from rank 0's initialisation
@@ -275,7 +301,9 @@ class MinibatchDiscriminationD(Trick):
     one line otherwise); on an MLP D it may follow any hidden layer.
     """
 
-    def __init__(self, layers: Sequence[int] = (-1,), n_kernels: int = 100, kernel_dim: int = 5) -> None:
+    def __init__(
+        self, layers: Sequence[int] = (-1,), n_kernels: int = 100, kernel_dim: int = 5, scale_by: str = "nearest"
+    ) -> None:
         if len(layers) == 0:
             raise ValueError("tricks.minibatch_discrimination.layers must name at least one D layer")
         if n_kernels < 1 or kernel_dim < 1:
@@ -283,10 +311,15 @@ class MinibatchDiscriminationD(Trick):
                 "tricks.minibatch_discrimination: n_kernels and kernel_dim must be >= 1 "
                 f"(got {n_kernels}, {kernel_dim})"
             )
+        if scale_by not in SCALE_BY:
+            raise ValueError(
+                f"tricks.minibatch_discrimination.scale_by must be one of {', '.join(SCALE_BY)} (got {scale_by!r})"
+            )
         self.layers, self.n_kernels, self.kernel_dim = [int(i) for i in layers], int(n_kernels), int(kernel_dim)
+        self.scale_by = scale_by
 
     def _make(self, in_features: int) -> nn.Module:
-        return MinibatchDiscrimination(in_features, self.n_kernels, self.kernel_dim)
+        return MinibatchDiscrimination(in_features, self.n_kernels, self.kernel_dim, scale_by=self.scale_by)
 
     def network_args(self, player: Player) -> dict[str, Any]:
         return {"inserts": [LayerInsert(self.layers, self._make)]} if player == "D" else {}
