@@ -1,6 +1,10 @@
 """Callbacks that act every N *generator* steps: sample grids, checkpoints, a quiet progress report.
 
-Evaluation is :class:`ganlab.metrics.callback.Evaluation` (the ``metrics`` config group)."""
+Evaluation is :class:`ganlab.metrics.callback.Evaluation` (the ``metrics`` config group).
+
+In a DDP run every rank runs every callback at the same generator steps (their collectives meet), and rank 0 alone
+writes files, logs and prints.
+"""
 
 from __future__ import annotations
 
@@ -131,16 +135,18 @@ class SampleGrid(pl.Callback):
                 logger.log_image(key, [str(path)], step=step)
 
     def on_train_batch_end(self, trainer: pl.Trainer, module: GANModule, *args: Any) -> None:
-        if _due(module, self.every) and trainer.is_global_zero:
+        if not _due(module, self.every):
+            return
+        samples = module.sample(z=module.fixed_z, gather=True)  # DDP: each rank its share, all on every rank
+        if trainer.is_global_zero:
             path = self.dir / f"step_{module.g_step:07d}.png"
-            samples = module.sample(z=module.fixed_z)
             save_preview(module, samples, path)
             self._log(trainer, "samples", path, module.g_step)
-            frame_metrics = getattr(module.data, "frame_metrics", None)  # the 1-D demo: p_g's distance to p_data
-            if frame_metrics is not None:
-                values = frame_metrics(samples)
-                module.last_logged.update(values)
-                log_to_all(trainer.loggers, values, module.g_step)
+        frame_metrics = getattr(module.data, "frame_metrics", None)  # the 1-D demo: p_g's distance to p_data
+        if frame_metrics is not None:  # on every rank (the same samples): every rank holds the same values
+            values = frame_metrics(samples)
+            module.last_logged.update(values)
+            log_to_all(trainer.loggers, values, module.g_step)
 
     def on_train_end(self, trainer: pl.Trainer, module: GANModule) -> None:
         if getattr(module.data, "frames", None) and trainer.is_global_zero:
@@ -158,7 +164,8 @@ class PeriodicCheckpoint(pl.Callback):
     It never saves a broken state: a non-finite loss since the last check (``assert_finite``) or a non-finite
     parameter or optimizer state raises :class:`~ganlab.errors.Diverged` instead, so ``last.ckpt`` is always the
     last good state. The write is atomic (a kill while saving leaves the previous ``last.ckpt``), and a failed
-    write leaves no temporary file.
+    write leaves no temporary file. DDP: every rank takes part (the checks and Lightning's save are collectives,
+    and every rank first takes rank 0's buffers, so each holds what the file holds); rank 0 writes.
     """
 
     def __init__(self, run_dir: Path, every: int, fingerprint: dict[str, Any] | None = None) -> None:
@@ -167,6 +174,7 @@ class PeriodicCheckpoint(pl.Callback):
 
     def save(self, trainer: pl.Trainer, module: GANModule) -> None:
         module.assert_finite()
+        module.sync_buffers()
         if not all_finite([module.G, module.D], list(trainer.optimizers)):
             raise Diverged(
                 f"diverged at generator step {module.g_step}: non-finite weights or optimizer state "
@@ -174,12 +182,14 @@ class PeriodicCheckpoint(pl.Callback):
                 module.g_step,
             )
         tmp = self.path.with_suffix(".tmp")
+        writer = trainer.is_global_zero
         try:
-            trainer.save_checkpoint(tmp)
-            if trainer.is_global_zero:
+            trainer.save_checkpoint(tmp)  # every rank dumps its state, rank 0 writes, then a barrier
+            if writer:
                 tmp.replace(self.path)  # atomic: a kill during saving leaves the previous last.ckpt intact
         finally:
-            tmp.unlink(missing_ok=True)
+            if writer:
+                tmp.unlink(missing_ok=True)
         self.saved_step = module.g_step
 
     def on_save_checkpoint(self, trainer: pl.Trainer, module: GANModule, checkpoint: dict[str, Any]) -> None:
@@ -199,6 +209,11 @@ class Preemption(pl.Callback):
     The handlers installed before ours (submitit's requeue on USR2) are kept in ``previous``; the pipeline calls
     them once the run's record is written. Lightning's own SIGTERM handler is replaced at train start: it would
     raise mid-loop, before the step's checkpoint.
+
+    DDP: a signal may reach one rank only (``kill`` of rank 0) or the ranks at different steps (SLURM), but they
+    must stop at the same step. Each rank's flag is combined with the others' by an all-reduce on the CPU (a gloo
+    group: no device sync) that is started after each step and read after the next one, so the loop never waits
+    for it and every rank stops one step after the first rank saw the signal.
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
@@ -207,6 +222,9 @@ class Preemption(pl.Callback):
         self.checkpoint = checkpoint
         self.signum: int | None = None
         self.previous: dict[int, Any] = {}
+        self._group: Any = None  # DDP: the gloo process group of the flags
+        self._flag: torch.Tensor | None = None
+        self._work: Any = None  # the all-reduce started after the previous step
 
     def _handler(self, signum: int, frame: Any) -> None:
         self.signum = signum
@@ -223,20 +241,50 @@ class Preemption(pl.Callback):
         for sig, handler in self.previous.items():
             signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
-    def _stop_if_asked(self, trainer: pl.Trainer, module: GANModule) -> None:
-        if self.signum is None:
+    def _agreed(self, trainer: pl.Trainer, *, now: bool) -> int | None:
+        """The signal that stops the run here, the same on every rank (one process: this process's own)."""
+        if trainer.world_size == 1:
+            return self.signum
+        import torch.distributed as dist
+
+        agreed = 0
+        if self._work is not None:
+            self._work.wait()
+            agreed, self._work = int(self._flag[0]), None
+        flag = torch.tensor([self.signum or 0], dtype=torch.int32)
+        if now:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
+            agreed = max(agreed, int(flag[0]))
+        elif not agreed:
+            self._flag, self._work = flag, dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group, async_op=True)
+        return agreed or None
+
+    def _stop_if_asked(self, trainer: pl.Trainer, module: GANModule, *, now: bool = False) -> None:
+        signum = self._agreed(trainer, now=now)
+        if signum is None:
             return
         if self.checkpoint.saved_step != module.g_step:
             self.checkpoint.save(trainer, module)
-        name = signal.Signals(self.signum).name
-        raise Interrupted(f"{name} at generator step {module.g_step}", self.signum, module.g_step)
+        name = signal.Signals(signum).name
+        raise Interrupted(f"{name} at generator step {module.g_step}", signum, module.g_step)
 
     def on_train_start(self, trainer: pl.Trainer, module: GANModule) -> None:
         self.install()
-        self._stop_if_asked(trainer, module)  # a signal during start-up stops at the step training starts from
+        if trainer.world_size > 1 and self._group is None:
+            import torch.distributed as dist
+
+            self._group = dist.new_group(backend="gloo")  # every rank creates it here, in the same order
+        self._stop_if_asked(
+            trainer, module, now=True
+        )  # a signal during start-up: stop at the step training starts from
 
     def on_train_batch_end(self, trainer: pl.Trainer, module: GANModule, *args: Any) -> None:
         self._stop_if_asked(trainer, module)
+
+    def on_train_end(self, trainer: pl.Trainer, module: GANModule) -> None:
+        if self._work is not None:  # the last step's flags: nothing left to stop
+            self._work.wait()
+            self._work = None
 
 
 class StepProgress(pl.Callback):

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import signal
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from ganlab.callbacks import PeriodicCheckpoint, Preemption, SampleGrid, StepPro
 from ganlab.checkpoint import check_compatible, fingerprint, read_checkpoint_step
 from ganlab.checkpoint import load as load_checkpoint
 from ganlab.data import describe
+from ganlab.ddp import GANDDPStrategy, cluster_launched, devices_per_node, launch_rank, world_size
 from ganlab.errors import Diverged, Interrupted, UserError
 from ganlab.record import RunRecord, read_json, resolve_resume
 from ganlab.tasks.gan import GANModule
@@ -78,10 +80,7 @@ def validate(cfg: DictConfig) -> None:
     for key in _PIPELINE_TRAINER_KEYS:
         if key in trainer:
             raise UserError(f"trainer.{key} is set by the pipeline (budgets count generator steps: use max_steps=)")
-    for key in ("devices", "num_nodes"):
-        value = trainer.get(key, 1)
-        if value not in (1, "1", "auto"):
-            raise UserError(f"trainer.{key}={value}: one device per run for now (sweep over runs instead)")
+    _validate_processes(trainer)
     precision = str(trainer.get("precision", "32-true"))
     if precision not in ("32-true", "32", "16-mixed", "bf16-mixed", "bf16-true", "64-true", "64"):
         raise UserError(f"trainer.precision must be 32-true, 16-mixed, bf16-mixed or bf16-true (got {precision})")
@@ -97,6 +96,35 @@ def validate(cfg: DictConfig) -> None:
     if missing:
         key = sorted(missing)[0]
         raise UserError(f"{key} is required (set {key}=...)")
+
+
+def _validate_processes(trainer: DictConfig) -> None:
+    """``trainer.devices`` and ``trainer.num_nodes`` (DDP for more than one process), and the launch they need."""
+    devices, nodes = trainer.get("devices", 1), trainer.get("num_nodes", 1)
+    if str(devices) != "auto" and (isinstance(devices, bool) or not str(devices).isdigit() or int(devices) < 1):
+        raise UserError(f"trainer.devices must be a positive integer or auto (got {devices!r})")
+    if isinstance(nodes, bool) or not str(nodes).isdigit() or int(nodes) < 1:
+        raise UserError(f"trainer.num_nodes must be a positive integer (got {nodes!r})")
+    strategy = str(trainer.get("strategy", "auto"))
+    if strategy not in ("auto", "ddp"):
+        raise UserError(f"trainer.strategy must be auto or ddp (got {strategy}): several devices always train with DDP")
+    n = devices_per_node(trainer)
+    accelerator = str(trainer.get("accelerator", "auto"))
+    if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available() and n > torch.cuda.device_count():
+        raise UserError(f"trainer.devices={devices} but this node has {torch.cuda.device_count()} CUDA GPU(s)")
+    if n > 1 and accelerator == "mps":
+        raise UserError(f"trainer.devices={devices}: several processes need CPUs or CUDA GPUs (not mps)")
+    if int(nodes) > 1 and not (cluster_launched() or "NODE_RANK" in os.environ or "GROUP_RANK" in os.environ):
+        raise UserError(
+            f"trainer.num_nodes={nodes} needs one launch per node: SLURM (hydra/launcher=slurm "
+            f"hydra.launcher.nodes={nodes}), torchrun, or NODE_RANK, MASTER_ADDR and MASTER_PORT set on each node"
+        )
+    world = n * int(nodes)
+    if world > 1 and SLURMEnvironment.detect() and int(os.environ.get("SLURM_NTASKS", world)) != world:
+        raise UserError(
+            f"trainer.devices={devices} x trainer.num_nodes={nodes} needs {world} SLURM tasks, not "
+            f"{os.environ['SLURM_NTASKS']}: set hydra.launcher.tasks_per_node={n} and hydra.launcher.nodes={nodes}"
+        )
 
 
 def build(cfg: DictConfig) -> GANModule:
@@ -190,6 +218,8 @@ def _quiet_lightning() -> None:
         "pytorch_lightning.trainer.connectors.checkpoint_connector",
         "pytorch_lightning.trainer.connectors.signal_connector",
         "matplotlib",  # its font-cache note on first use
+        "lightning_fabric.utilities.distributed",  # DDP's "Initializing distributed: GLOBAL_RANK..." per process
+        "lightning_fabric.utilities.rank_zero",
     ):
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*Experiment logs directory.*exists and is not empty.*")
@@ -197,12 +227,27 @@ def _quiet_lightning() -> None:
 
 
 def make_trainer(
-    cfg: DictConfig, module: GANModule, run_dir: Path, loggers: list, cbs: list[pl.Callback]
+    cfg: DictConfig,
+    module: GANModule,
+    run_dir: Path,
+    loggers: list,
+    cbs: list[pl.Callback],
+    *,
+    workers: Mapping[str, Any] | None = None,
+    on_failure: Callable[[str], None] | None = None,
 ) -> pl.Trainer:
     """The Lightning Trainer of a run: the budget in optimizer steps read from the module's schedule, the
-    project's own progress, checkpoints and logging (Lightning's are off)."""
+    project's own progress, checkpoints and logging (Lightning's are off).
+
+    More than one process (``trainer.devices`` x ``trainer.num_nodes``): :class:`~ganlab.ddp.GANDDPStrategy`, which
+    starts this node's other ranks with ``workers`` (the run's resolved config, folder and checkpoint) and calls
+    ``on_failure`` if one of them dies."""
+    kwargs: dict[str, Any] = OmegaConf.to_container(cfg.trainer, resolve=True)
+    if world_size(cfg.trainer) > 1:
+        kwargs["strategy"] = GANDDPStrategy(payload=workers, on_failure=on_failure)
+        kwargs["use_distributed_sampler"] = False  # the data loader only ticks; each rank samples its own batches
     return pl.Trainer(
-        **OmegaConf.to_container(cfg.trainer, resolve=True),
+        **kwargs,
         # under manual optimisation Lightning's global_step advances once per optimizer step
         max_steps=cfg.max_steps * module.schedule.optimizer_steps,
         logger=loggers or False,
@@ -247,6 +292,36 @@ def _resume_point(cfg: DictConfig, run_dir: Path, previous: Mapping[str, Any]) -
     return ckpt, state
 
 
+def train_rank(cfg: DictConfig, run_dir: Path | str, ckpt: Path | str | None) -> dict[str, Any]:
+    """Train as a rank > 0 of a DDP run: the same module, callbacks and Trainer as rank 0 (every callback acts in
+    step with it), from the same checkpoint, writing nothing (no record, config, loggers or files: rank 0 writes the
+    run). Returns what this rank ended with (steps, updates, final values); a stop of the run (interrupted,
+    diverged) is raised as on rank 0."""
+    _quiet_lightning()
+    run_dir = Path(run_dir)
+    state = load_checkpoint(Path(ckpt)) if ckpt else None
+    if state is not None and int(state["ganlab"]["g_step"]) >= cfg.max_steps:
+        return {"status": "nothing to train"}  # rank 0 says why (complete, or nothing to extend)
+    if cfg.model.get("threads"):
+        torch.set_num_threads(int(cfg.model.threads))
+    pl.seed_everything(cfg.seed, workers=False, verbose=False)
+    module = build(cfg)
+    cbs = callbacks(cfg, run_dir, fingerprint(cfg, module.batch_size))
+    preemption = next(cb for cb in cbs if isinstance(cb, Preemption))
+    preemption.install()
+    try:
+        trainer = make_trainer(cfg, module, run_dir, [], cbs)
+        trainer.fit(module, ckpt_path=str(ckpt) if ckpt else None, weights_only=True)
+    finally:
+        preemption.restore()
+    return {
+        "rank": trainer.global_rank,
+        "g_steps": module.g_step,
+        "d_updates": module.d_updates,
+        "final": {k: v for k, v in module.last_logged.items() if not k.startswith("step/")},
+    }
+
+
 def _finish_signal(exc: Interrupted, previous: Mapping[int, Any]) -> None:
     """Hand a preemption signal on to the handler that was there before ours (submitit requeues the job on USR2)."""
     handler = previous.get(exc.signum)
@@ -268,6 +343,10 @@ def train(cfg: DictConfig, run_dir: Path, *, identity: Mapping[str, Any] | None 
     _quiet_lightning()
     run_dir = Path(run_dir)
     validate(cfg)  # nothing is written for bad input
+    world = world_size(cfg.trainer)
+    if world > 1 and launch_rank(devices_per_node(cfg.trainer)) != 0:
+        # a rank that SLURM or torchrun started itself: it trains along and writes nothing (rank 0 keeps the record)
+        return train_rank(cfg, run_dir, resolve_resume(cfg.resume, run_dir))
     previous = read_json(run_dir / "summary.json")
     ckpt, state = _resume_point(cfg, run_dir, previous)
     if state is not None and int(state["ganlab"]["g_step"]) == cfg.max_steps:
@@ -284,6 +363,8 @@ def train(cfg: DictConfig, run_dir: Path, *, identity: Mapping[str, Any] | None 
     loggers: list = []
     preemption: Preemption | None = None
     interrupted: Interrupted | None = None
+    trainer: pl.Trainer | None = None
+    fitted = False
     try:
         if ckpt is not None:
             record.resume_from(ckpt, int(state["ganlab"]["g_step"]))
@@ -321,17 +402,30 @@ def train(cfg: DictConfig, run_dir: Path, *, identity: Mapping[str, Any] | None 
         cbs = callbacks(cfg, run_dir, current)
         preemption = next(cb for cb in cbs if isinstance(cb, Preemption))
         preemption.install()  # a signal from here on stops the run at a step boundary, with a checkpoint
+        workers = {
+            "config": OmegaConf.to_container(cfg, resolve=True),
+            "run_dir": str(run_dir.resolve()),
+            "resume": str(Path(ckpt).resolve()) if ckpt else None,
+        }
+
+        def worker_failed(reason: str) -> None:
+            record.update(status="failed", error=reason, wall_time_s=round(time.time() - t0, 2))
+            record.try_save()
+
         try:
-            trainer = make_trainer(cfg, module, run_dir, loggers, cbs)
+            trainer = make_trainer(cfg, module, run_dir, loggers, cbs, workers=workers, on_failure=worker_failed)
         except (ValueError, MisconfigurationException) as exc:
             raise UserError(f"trainer: {str(exc).splitlines()[0]}") from None
         device = trainer.strategy.root_device.type
+        if world > 1:
+            device = f"{world} x {device} (DDP, batch_size {module.batch_size} per process)"
         start = f"from generator step {state['ganlab']['g_step']} " if state is not None else ""
         print(
             f"training {cfg.max_steps} generator steps {start}on {device} in {run_dir}, logging to {said}", flush=True
         )
         t_fit = time.time()
         trainer.fit(module, ckpt_path=str(ckpt) if ckpt else None, weights_only=True)
+        fitted = True
         record.update(
             status="completed",
             g_steps=module.g_step,
@@ -360,6 +454,10 @@ def train(cfg: DictConfig, run_dir: Path, *, identity: Mapping[str, Any] | None 
         raise Diverged(f"{exc}; {where}", exc.step) from None
     except BaseException as exc:
         reason = str(exc).splitlines()[0] if str(exc) else ""
+        launcher = getattr(getattr(trainer, "strategy", None), "launcher", None)
+        dead = launcher.dead(wait_s=2.0) if hasattr(launcher, "dead") else None
+        if dead:  # DDP: the other rank's end is the cause, the collective's error only its echo
+            reason = f"{dead} ({reason})"
         record.update(status="failed", error=f"{exc.__class__.__name__}: {reason}")
         if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
             raise UserError(f"cannot write the run's files ({exc.strerror}): {run_dir}") from None
@@ -367,6 +465,9 @@ def train(cfg: DictConfig, run_dir: Path, *, identity: Mapping[str, Any] | None 
     finally:
         if preemption is not None:
             preemption.restore()
+        launcher = getattr(getattr(trainer, "strategy", None), "launcher", None)
+        if hasattr(launcher, "finish"):  # DDP: the other local ranks end with this one
+            launcher.finish(ok=fitted or interrupted is not None)
         record.update(wall_time_s=round(time.time() - t0, 2))
         saved = record.try_save()
         finish_wandb(loggers, exit_code=0 if record["status"] == "completed" else 1)

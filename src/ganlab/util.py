@@ -7,7 +7,7 @@ disagree about which generator steps they act on.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -69,3 +69,48 @@ def chunked(fn: Callable[[Tensor], Tensor], x: Tensor, size: int) -> Tensor:
     chunks of the training batch size, so a layer that looks across its batch (minibatch discrimination) sees
     batches of the size it was trained on, whatever the number of examples evaluated."""
     return torch.cat([fn(part) for part in x.split(int(size))])
+
+
+# -- several processes (DDP) ------------------------------------------------------------------------------------------
+#
+# Every helper below is a collective of the default process group: every rank must call it at the same point, and
+# the callers only do so when the run has more than one process (one process never touches torch.distributed).
+
+
+def all_reduce_mean_(tensors: Sequence[Tensor], world: int) -> None:
+    """Average ``tensors`` in place over the ``world`` ranks: one flat all-reduce per dtype (each rank ends with
+    the same bits: the sum is reduced once and shared)."""
+    import torch.distributed as dist
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    by_dtype: dict[torch.dtype, list[Tensor]] = {}
+    for t in tensors:
+        by_dtype.setdefault(t.dtype, []).append(t)
+    for group in by_dtype.values():
+        flat = _flatten_dense_tensors(group)
+        dist.all_reduce(flat)
+        flat.div_(world)
+        for t, synced in zip(group, _unflatten_dense_tensors(flat, group), strict=True):
+            t.copy_(synced)
+
+
+def broadcast_(tensors: Iterable[Tensor], src: int = 0) -> None:
+    """Overwrite ``tensors`` in place with rank ``src``'s values."""
+    import torch.distributed as dist
+
+    for t in tensors:
+        dist.broadcast(t.data, src)
+
+
+def gather_rows(fn: Callable[[Tensor], Tensor], x: Tensor, rank: int, world: int) -> Tensor:
+    """``fn(x)`` computed in ``world`` equal shares of ``x``'s rows, each rank its own, and gathered on every rank
+    in row order (the last share padded, the padding dropped): every rank returns the same tensor."""
+    import torch.distributed as dist
+
+    n = len(x)
+    per = -(-n // world)
+    padded = torch.cat([x, x.new_zeros((per * world - n, *x.shape[1:]))]) if per * world > n else x
+    part = fn(padded[rank * per : (rank + 1) * per]).contiguous()
+    parts = [torch.empty_like(part) for _ in range(world)]
+    dist.all_gather(parts, part)
+    return torch.cat(parts)[:n]

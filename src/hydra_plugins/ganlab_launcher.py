@@ -176,7 +176,7 @@ class RecipeSlurmLauncher(_OnceLogging, _SubmititSlurmLauncher):
             assert self.hydra_context is not None and self.config is not None
             loader = self.hydra_context.config_loader
             configs = [loader.load_sweep_config(self.config, list(o)) for o in job_overrides]
-            self.params["gpus_per_node"] = gpus_for(configs)
+            self.params["gpus_per_node"] = gpus_for(configs) * int(self.params.get("tasks_per_node") or 1)  # DDP
             log.info(f"SLURM: {self.params['gpus_per_node']} GPU(s) per job (from the jobs' data sets)")
         return super().launch(job_overrides, initial_job_idx)
 

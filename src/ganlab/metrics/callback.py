@@ -30,7 +30,10 @@ class Evaluation(pl.Callback):
     semi-supervised test error).
 
     Logged to every logger at the generator step and kept in ``module.last_logged`` (so the final values land in
-    ``summary.json``). ``eval/seconds`` (logged) is the cumulative evaluation time; ``summary.json`` keeps it as
+    ``summary.json``). In a DDP run each rank generates its share of the same samples, all are gathered on rank 0,
+    which alone computes the metrics (and holds the evaluator: reference statistics, classifiers), and every rank
+    receives them: each rank's ``last_logged`` holds the same numbers, those one process would compute from rank 0's
+    state. ``eval/seconds`` (logged) is the cumulative evaluation time; ``summary.json`` keeps it as
     ``eval_time_s`` so its share of a run stays visible.
 
     Args (the keys of ``conf/metrics/default.yaml``; a bad value is a one-line ``ValueError`` naming the key):
@@ -67,9 +70,15 @@ class Evaluation(pl.Callback):
         self.evaluator = None
         self.seconds = 0.0
 
-    def on_fit_start(self, trainer: pl.Trainer, module: GANModule) -> None:
+    def n_samples_for(self, module: GANModule) -> int:
+        """Samples per evaluation: ``n_samples``, else the data set's protocol."""
+        return self.n_samples or module.data.evaluation.samples
+
+    def on_fit_start(self, trainer: pl.Trainer | None, module: GANModule) -> None:
         from ganlab.metrics.evaluator import build_evaluator  # torch-fidelity only once a run evaluates
 
+        if module.rank != 0:  # DDP: rank 0 computes the metrics (caches and classifiers are built once)
+            return
         self.evaluator = build_evaluator(
             module.data,
             n_samples=self.n_samples,
@@ -99,15 +108,22 @@ class Evaluation(pl.Callback):
         values = torch.stack([p_real.mean(), p_fake.mean(), acc]).tolist()
         return dict(zip(("eval/D(x_test)", "eval/D(G(z))", "eval/d_accuracy"), values, strict=True))
 
-    def evaluate(self, trainer: pl.Trainer, module: GANModule) -> dict[str, float]:
+    def evaluate(self, trainer: Any, module: GANModule) -> dict[str, float]:
         t0 = time.perf_counter()
-        fake = module.sample(self.evaluator.n_samples, seed=self.seed)
-        stored = module.data.to_uint8(fake) if module.data.kind == "image" else fake
-        metrics = self.evaluator(stored)
-        metrics.update(self.equilibrium(module, fake))
-        task_metrics = getattr(module, "task_metrics", None)  # the task's own numbers ({} for a plain GAN)
-        if task_metrics is not None:
-            metrics.update(task_metrics())
+        n = self.evaluator.n_samples if self.evaluator is not None else self.n_samples_for(module)
+        fake = module.sample(n, seed=self.seed, gather=True)  # a collective under DDP
+        metrics: dict[str, float] | None = None
+        if module.rank == 0:
+            stored = module.data.to_uint8(fake) if module.data.kind == "image" else fake
+            metrics = self.evaluator(stored)
+            metrics.update(self.equilibrium(module, fake))
+            task_metrics = getattr(module, "task_metrics", None)  # the task's own numbers ({} for a plain GAN)
+            if task_metrics is not None:
+                metrics.update(task_metrics())
+        if module.world_size > 1:
+            box = [metrics]
+            torch.distributed.broadcast_object_list(box, src=0)
+            metrics = box[0]
         self.seconds += time.perf_counter() - t0
         module.last_logged.update(metrics)  # the final values go into summary.json; timing is not a result
         log_to_all(trainer.loggers, {**metrics, "eval/seconds": self.seconds}, module.g_step)

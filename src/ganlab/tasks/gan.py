@@ -6,7 +6,13 @@ discriminator updates, each on a fresh real minibatch and fresh noise, then one 
 every budget and interval of this project counts generator steps (``g_step``) instead, and both are logged.
 
 All randomness of generator step ``s`` (real-batch indices, noise) comes from a random stream seeded with
-``(seed, s)``, so a resumed run draws exactly the batches an uninterrupted one would.
+``(seed, s, rank)``, so a resumed run draws exactly the batches an uninterrupted one would, and each process of a
+DDP run draws its own (rank 0's stream is the single-process stream).
+
+Several processes (DDP, ``trainer.devices``/``trainer.num_nodes``): the module is *not* wrapped in
+``DistributedDataParallel`` (see :mod:`ganlab.ddp`). After each update's backward, the updated player's gradients
+are averaged over the ranks by hand (one flat all-reduce); the frozen player's are neither computed nor sent.
+``batch_size`` is per rank: one update sees ``world_size x batch_size`` real and fake examples.
 
 The module owns backward, stepping and logging; the objectives (:mod:`ganlab.losses`) are pure functions and the
 tricks (:mod:`ganlab.tricks`) act only through their hooks.
@@ -27,12 +33,13 @@ from ganlab.nets.base import normalise_layers
 from ganlab.nets.prior import Prior
 from ganlab.schedule import Schedule
 from ganlab.tricks.base import Player, Trick
-from ganlab.util import eval_mode, frozen_norm_stats, is_due, log_to_all
+from ganlab.util import all_reduce_mean_, broadcast_, eval_mode, frozen_norm_stats, gather_rows, is_due, log_to_all
 
 
-def _rng_seed(seed: int, step: int) -> int:
-    # A simple bijective mix of (seed, step) into 63 bits: distinct steps and seeds give distinct streams.
-    return (seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9 + 1) % (2**63 - 1)
+def _rng_seed(seed: int, step: int, rank: int = 0) -> int:
+    # A simple mix of (seed, step, rank) into 63 bits: distinct steps, seeds and ranks give distinct streams. The rank
+    # term is 0 for rank 0, so one process (and rank 0 of a DDP run) draws exactly the stream of (seed, step).
+    return (seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9 + rank * 0x94D049BB133111EB + 1) % (2**63 - 1)
 
 
 class GANModule(pl.LightningModule):
@@ -116,11 +123,13 @@ class GANModule(pl.LightningModule):
         self._latest: dict[str, Tensor] = {}
         self._pending: dict[str, list[Tensor]] = {}  # detached losses not yet folded into the two above
         self._trainable_params: tuple[nn.Module, nn.Module, list[Tensor], list[Tensor]] | None = None
+        # this process's place in a DDP run (set in ``setup`` from the Trainer; one process: rank 0 of 1)
+        self.rank, self.world_size = 0, 1
 
     # -- helpers ----------------------------------------------------------------------------------------------
     def step_rng(self, step: int) -> torch.Generator:
-        """The random stream of generator step ``step`` on this module's device."""
-        return torch.Generator(device=self.device).manual_seed(_rng_seed(self.seed, step))
+        """The random stream of generator step ``step`` of this rank, on this module's device."""
+        return torch.Generator(device=self.device).manual_seed(_rng_seed(self.seed, step, self.rank))
 
     def real_batch(self, idx: Tensor) -> Tensor:
         """Gather real examples by index and map them to model space."""
@@ -128,14 +137,39 @@ class GANModule(pl.LightningModule):
 
     @torch.no_grad()
     def sample(
-        self, n: int | None = None, *, seed: int | None = None, z: Tensor | None = None, chunk: int = 500
+        self,
+        n: int | None = None,
+        *,
+        seed: int | None = None,
+        z: Tensor | None = None,
+        chunk: int = 500,
+        gather: bool = False,
     ) -> Tensor:
-        """Generate ``n`` samples (model space) from seeded noise, or from ``z``; G in eval mode."""
+        """Generate ``n`` samples (model space) from seeded noise, or from ``z``; G in eval mode.
+
+        ``gather`` (a collective in a DDP run: every rank must call it): each rank generates its share of the same
+        noise and every rank returns all the samples, with G's buffers (batch-norm statistics) taken from rank 0
+        first, so every rank holds what one process with rank 0's state would generate."""
         if z is None:
             g = torch.Generator(device=self.device).manual_seed(self.seed if seed is None else seed)
             z = self.prior.sample((n, self.z_dim), g)
-        with eval_mode(self.G):
-            return torch.cat([self.G(part) for part in z.split(chunk)])
+
+        def generate(noise: Tensor) -> Tensor:
+            with eval_mode(self.G):
+                return torch.cat([self.G(part) for part in noise.split(chunk)])
+
+        if gather and self.world_size > 1:
+            broadcast_(self.G.buffers())
+            return gather_rows(generate, z, self.rank, self.world_size)
+        return generate(z)
+
+    def sync_buffers(self) -> None:
+        """DDP: every rank takes rank 0's buffers of G and D (batch-norm running statistics), as
+        ``DistributedDataParallel(broadcast_buffers=True)`` would; they are used only in eval mode (sampling,
+        evaluation), so this runs before those and before each checkpoint (every rank then holds what the checkpoint
+        holds, and a resumed run continues exactly). A collective; nothing with one process."""
+        if self.world_size > 1:
+            broadcast_([*self.G.buffers(), *self.D.buffers()])
 
     def task_metrics(self) -> dict[str, float]:
         """Metrics of the task itself, computed at every evaluation (the semi-supervised task's test error);
@@ -178,19 +212,28 @@ class GANModule(pl.LightningModule):
     def assert_finite(self) -> None:
         """Raise :class:`~ganlab.errors.Diverged` if any loss since the last check was NaN/inf or beyond
         ``max_loss`` (one host sync; called before logging and saving, so a checkpoint never holds weights updated
-        from such a loss)."""
+        from such a loss). In a DDP run the flags of every rank are combined (a collective): all ranks stop
+        together, whichever rank saw the bad loss."""
         for player in list(self._pending):
             self._fold_pending(player)
-        if not self._bad:
+        if self.world_size > 1:
+            names: list[Player] = ["D", "G"]
+            no = torch.zeros((), dtype=torch.bool, device=self.device)
+            flags_t = torch.stack([self._bad.get(n, no) for n in names]).int()
+            torch.distributed.all_reduce(flags_t, op=torch.distributed.ReduceOp.MAX)
+            flags = flags_t.tolist()
+        elif not self._bad:
             return
-        names = list(self._bad)
-        flags = torch.stack([self._bad[n] for n in names]).tolist()
+        else:
+            names = list(self._bad)
+            flags = torch.stack([self._bad[n] for n in names]).tolist()
         bad = [n for n, f in zip(names, flags, strict=True) if f]
         if bad:
             player = bad[0]
-            value = float(self._latest[player])
+            here = player in self._bad and bool(self._bad[player])  # False: another rank's loss (DDP)
+            value = f" = {float(self._latest[player]):.4g}" if here else " on another rank"
             raise Diverged(
-                f"loss/{player.lower()} = {value:.4g} by generator step {self.g_step} "
+                f"loss/{player.lower()}{value} by generator step {self.g_step} "
                 f"(non-finite or beyond max_loss={self.max_loss:g})",
                 self.g_step,
             )
@@ -256,6 +299,11 @@ class GANModule(pl.LightningModule):
             logs[f"penalty/{name}"] = penalty.detach()
         opt.zero_grad(set_to_none=True)
         self.manual_backward(loss)
+        if self.world_size > 1:
+            # DDP by hand: the updated player's gradients, averaged over the ranks in one flat all-reduce (the
+            # frozen player has none to send; see ganlab.ddp for why the module is not wrapped in DDP)
+            params = self._trainable_params[2 if player == "D" else 3]  # cached by _set_trainable
+            all_reduce_mean_([p.grad for p in params if p.grad is not None], self.world_size)
         self._flag_bad_loss(player, loss)
         if log_now:
             logs[f"grad_norm/{name}"] = self._grad_norm(net)
@@ -312,13 +360,20 @@ class GANModule(pl.LightningModule):
     def _log(self, logs: Mapping[str, Tensor]) -> None:
         self.assert_finite()
         names = list(logs)
-        values = torch.stack([logs[n].float() for n in names]).tolist()  # one host sync per log interval
+        stacked = torch.stack([logs[n].float() for n in names])
+        if self.world_size > 1:  # the mean over the ranks: the losses of the global batch, the same on every rank
+            stacked = stacked.to(self.device)
+            all_reduce_mean_([stacked], self.world_size)
+        values = stacked.tolist()  # one host sync per log interval
         metrics = dict(zip(names, values, strict=True))
         metrics["step/g"], metrics["step/d"] = self.g_step, self.d_updates
         self.last_logged.update(metrics)
         log_to_all(self.trainer.loggers, metrics, self.g_step)
 
     # -- Lightning plumbing -----------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        self.rank, self.world_size = int(self.trainer.global_rank), int(self.trainer.world_size)
+
     def train_dataloader(self) -> Any:
         return self.data.train_dataloader()  # one tick per generator step; real batches are sampled above
 
