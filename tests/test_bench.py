@@ -61,6 +61,7 @@ def test_the_table_prints(capsys: pytest.CaptureFixture[str]) -> None:
     assert "| setting | pipeline G steps/s | plain loop G steps/s | ratio |" in out
     assert "| ring8 MLP b256 |" in out
     assert "| B=100, C=5 |" in out and "| B=10, C=3 |" in out  # the mlp model's minibatch sizes
+    assert "minibatch_discrimination" in out and "wall-time ratio" in out  # the MD arm against the NS arm
     assert "Intel" in out or "AMD" in out or "cores" in out  # the machine line
 
 

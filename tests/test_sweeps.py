@@ -90,7 +90,7 @@ def test_recipe_axes_match_the_issue() -> None:
     for recipe, data, arms, seeds in [
         ("arms_ring8", "ring8", arms5, 5),
         ("arms_grid25", "grid25", arms5, 5),
-        ("arms_digits", "digits", arms5, 3),
+        ("arms_digits", "digits", arms5, 5),
         ("smoke", "ring8", {"minimax", "non_saturating"}, 2),
     ]:
         combos = [dict(o.split("=", 1) for o in job) for job in jobs(recipe)]
