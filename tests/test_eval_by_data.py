@@ -110,8 +110,9 @@ class _FakeModule:
         data.setup()
         self.data, self.D, self.device = data, _ZeroD(), torch.device("cpu")
         self.g_step, self.max_steps, self.last_logged, self.batch_size = 3, 3, {}, 64
+        self.rank, self.world_size = 0, 1  # one process (the callback computes the metrics on rank 0)
 
-    def sample(self, n: int, seed: int) -> torch.Tensor:
+    def sample(self, n: int, seed: int, gather: bool = False) -> torch.Tensor:
         return self.data.centers[torch.arange(n) % 3]  # every mode, equally
 
     def gan_logit(self, out: torch.Tensor) -> torch.Tensor:
@@ -149,6 +150,30 @@ def test_evaluation_callback_logs_declared_metrics_and_the_task_hook(module_cls)
     module.g_step, module.max_steps = 5, 7  # neither due (eval_every=2) nor the last step
     cb.on_train_batch_end(trainer, module)
     assert len(logger.calls) == 1
+
+
+class CostlyTriangle(Triangle):
+    """A protocol too costly to repeat: 300 samples at the end of a run, 120 before."""
+
+    evaluation = EvalSpec(samples=300, interim_samples=120, modes=MixtureModes(), preview="scatter")
+
+
+def test_interim_evaluations_use_the_declared_count_and_the_last_one_the_protocol():
+    module, logger = _FakeModule(CostlyTriangle()), _Recorder()
+    trainer = SimpleNamespace(loggers=[logger])
+    cb = Evaluation(eval_every=2)
+    cb.on_fit_start(trainer, module)
+    module.g_step, module.max_steps = 2, 4
+    cb.on_train_batch_end(trainer, module)  # due, not the last step: the interim count
+    module.g_step = 4
+    cb.on_train_batch_end(trainer, module)  # the last step: the protocol
+    (step_a, interim), (step_b, final) = logger.calls
+    assert (step_a, step_b) == (2, 4)
+    assert {"modes120", "reverse_kl120"} <= set(interim) and not any(k.endswith("300") for k in interim)
+    assert {"modes300", "reverse_kl300"} <= set(final) and not any(k.endswith("120") for k in final)
+    assert "modes300" in module.last_logged and "modes120" not in module.last_logged  # summary.json: the protocol
+    assert cb.evaluate(trainer, module)["modes300"] == 3  # a post-hoc evaluation (evaluate.py) is a final one
+    assert Evaluation(eval_every=2, n_samples=150).n_samples_for(module, final=False) == 150  # n_samples: both
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,7 @@ digits CNN's accuracy, PacGAN's mode metrics on hand-made sets, the reference-st
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -19,7 +20,7 @@ from ganlab.data.base import EvalSpec, InMemoryData
 from ganlab.errors import UserError
 from ganlab.metrics import fidelity as fm
 from ganlab.metrics.classifier import DEFAULT_WEIGHTS, accuracy, load_digits_classifier, sha256_file
-from ganlab.metrics.evaluator import build_evaluator
+from ganlab.metrics.evaluator import Evaluator, build_evaluator
 from ganlab.metrics.modes import mode_coverage
 from ganlab.metrics.stacked import channel_classifier_from_labels, classify_channels, stacked_mode_stats
 
@@ -210,6 +211,95 @@ def test_stacked_labels_train_a_channel_classifier(tmp_path):
     digits = torch.stack([data.test_y // 100, data.test_y // 10 % 10, data.test_y % 10], dim=1)
     assert (pred == digits).float().mean() > 0.9
     assert len(list((tmp_path / "classifiers").glob("stacked_digits-*.pt"))) == 1
+
+
+# -- one CNN pass per evaluation --------------------------------------------------------------------------------
+def _stacked(images: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return images[torch.randint(len(images), (n * 3,), generator=g), 0].reshape(n, 3, 8, 8)
+
+
+@pytest.mark.parametrize(("n_real", "n"), [(900, 400), (300, 400)])  # reference subset for PR / whole reference
+def test_shared_pass_gives_the_numbers_of_separate_computations(digits, n_real, n):
+    """The evaluator's single digits-CNN pass (mode labels, FID/IS/KID/PR features, cached reference, pruned k-NN)
+    against the separate computations it replaces: classify_channels + torch-fidelity's own route."""
+    train_x, _, test_x, _ = digits
+
+    class Stacked(InMemoryData):
+        name = "stacked_few"
+        evaluation = EvalSpec(samples=n, features=fm.DIGITS_EXTRACTOR, modes=StackedDigits.evaluation.modes)
+
+        def load(self):
+            return _stacked(train_x, n_real, 1), None, _stacked(test_x, 100, 2), None
+
+    data = Stacked()
+    data.setup()
+    fake = _stacked(test_x, n, 3)
+    fake[: n // 4] = _noise(n // 4, seed=4, c=3)  # off the data: precision < 1
+    fake[n // 4 : n // 4 + 20] = fake[n // 4]  # duplicates: ties in the k-NN radii
+    ev = build_evaluator(data, kid_subset_size=100)
+    assert ev.shares_digits_cnn()
+    shared = ev(fake)
+    separate = stacked_mode_stats(classify_channels(fake, load_digits_classifier()))
+    separate |= fm.compute_fidelity(fake, data.train_x, kid_subset_size=100, cache_key_parts=("stacked_few", "train"))
+    assert list(shared) == list(separate)  # same names, same order
+    for key, value in separate.items():
+        assert shared[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
+    assert 0 < shared[f"precision{n}"] < 1 and 0 < shared[f"recall{n}"] < 1  # not a degenerate case
+    assert shared[f"stacked_modes{n}"] > 50
+    assert ev(fake) == shared  # the reference kept by the evaluator gives the same numbers again
+
+
+def test_pruned_knn_and_precision_recall_equal_the_full_distance_matrix(monkeypatch):
+    """The lower-bound pruning skips pairs but never changes a radius or a precision/recall decision."""
+    g = torch.Generator().manual_seed(0)
+    centres = 8 * torch.randn(30, 64, generator=g, dtype=torch.float64)
+    real = centres[torch.randint(30, (700,), generator=g)] + torch.randn(700, 64, generator=g, dtype=torch.float64)
+    fake = centres[torch.randint(20, (600,), generator=g)] + 1.3 * torch.randn(600, 64, generator=g).double()
+    fake[:150] = fake[0]  # a collapsed part: its block is dense (computed whole), its radii are 0
+    mean, cov = real.mean(0), torch.cov(real.T)
+    bound = fm.DistanceBound.principal(mean, cov, dims=8)
+    whole = []  # row blocks computed whole (too many candidates)
+    monkeypatch.setattr(fm, "_cdist", lambda a, b, f=fm._cdist: whole.append(len(a)) or f(a, b))
+    for x, blocks in ((real, 0), (fake, 2)):  # the collapsed rows fill two of fake's three blocks of 256
+        left, right = bound.factors(x)
+        assert ((left @ right.T).clamp_min(0).sqrt() <= torch.cdist(x, x).float() + 1e-4).all()  # a lower bound
+        dense = fm.knn_radii(x, rows=256)
+        whole.clear()
+        assert torch.allclose(fm.knn_radii(x, rows=256, bound=bound), dense, rtol=1e-12, atol=1e-6)
+        assert len(whole) == blocks
+    real_r, fake_r = fm.knn_radii(real), fm.knn_radii(fake)
+    dense = fm.precision_recall(fake, real, fake_r, real_r, rows=256)
+    whole.clear()
+    assert fm.precision_recall(fake, real, fake_r, real_r, rows=256, bound=bound) == dense
+    assert not whole  # every block pruned
+    assert 0 < dense[0] < 1 and 0 < dense[1] < 1
+    # torch-fidelity's own implementation (four distance matrices) agrees
+    from torch_fidelity.metric_prc import calculate_precision_recall_part
+
+    assert calculate_precision_recall_part(fake, real) == pytest.approx(dense, abs=0)
+
+
+def test_interim_evaluations_are_named_by_their_own_sample_count():
+    data = Ring8(n_train=1000, n_test=2500)
+    ev = build_evaluator(data, device="cpu")
+    assert (ev.n_samples, ev.interim_samples) == (2500, 2500)  # no cheaper count declared: the protocol
+    data.setup()
+    ev = Evaluator(2500, interim_samples=500, modes=ev.modes)
+    assert set(ev(data.test_x, n_samples=ev.interim_samples)) == {"modes500", "hq_fraction500", "reverse_kl500"}
+    assert set(ev(data.test_x)) == {"modes2500", "hq_fraction2500", "reverse_kl2500"}
+    with pytest.raises(ValueError, match="needs 2500 samples"):
+        ev(data.test_x[:600])
+
+    @dataclasses.dataclass(frozen=True)
+    class Spec(EvalSpec):
+        interim_samples: int | None = None
+
+    class Declared(Ring8):
+        evaluation = Spec(samples=2500, modes=Ring8.evaluation.modes, preview="scatter", interim_samples=500)
+
+    assert build_evaluator(Declared(n_train=1000, n_test=2500)).interim_samples == 500
+    assert build_evaluator(Declared(n_train=1000, n_test=2500), n_samples=800).interim_samples == 800
 
 
 # -- the reference cache ---------------------------------------------------------------------------------------

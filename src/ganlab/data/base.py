@@ -35,6 +35,10 @@ class EvalSpec:
 
     - ``samples``: generated samples per evaluation in the data set's protocol (``metrics.n_samples`` overrides
       it); every metric name carries the count actually used (``fid2k``, ``modes2500``, ``stacked_modes26k``).
+    - ``interim_samples``: generated samples of the evaluations before a run's last one, for protocols too costly
+      to repeat (stacked digits: 2,000 of 26,000); None: ``samples``. Names carry the count, so the run's final
+      numbers keep the protocol's names (``stacked_modes26k``) and the interim ones have their own
+      (``stacked_modes2k``). ``metrics.n_samples`` sets both.
     - ``features``: torch-fidelity feature extractor for FID/IS/KID/precision/recall:
       ``ganlab.metrics.protocol.DIGITS_EXTRACTOR`` (the shipped digits CNN), ``INCEPTION_EXTRACTOR``
       (Inception-v3, ``metrics.inception_weights``), or None (no fidelity metrics).
@@ -47,12 +51,15 @@ class EvalSpec:
     features: str | None = None
     modes: ModeMetric | None = None
     preview: Preview = "grid"
+    interim_samples: int | None = None  # last, so positional uses of the other fields stay valid
 
     def __post_init__(self) -> None:
         if self.preview not in PREVIEWS:
             raise ValueError(f"EvalSpec.preview must be one of {', '.join(PREVIEWS)} (got {self.preview!r})")
         if not isinstance(self.samples, int) or self.samples < 1:
             raise ValueError(f"EvalSpec.samples must be a positive integer (got {self.samples!r})")
+        if self.interim_samples is not None and (not isinstance(self.interim_samples, int) or self.interim_samples < 1):
+            raise ValueError(f"EvalSpec.interim_samples must be a positive integer (got {self.interim_samples!r})")
 
 
 def describe(data: InMemoryData) -> dict[str, Any]:

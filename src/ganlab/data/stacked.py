@@ -28,7 +28,7 @@ class StackedDigits(InMemoryData):
     num_classes = 1000
     # PacGAN Table 2 counts modes among 26,000 samples; the shipped digits CNN labels each channel and gives
     # the FID/IS/KID/PR features
-    evaluation = EvalSpec(samples=26_000, features=DIGITS_EXTRACTOR, modes=StackedModes())
+    evaluation = EvalSpec(samples=26_000, interim_samples=2_000, features=DIGITS_EXTRACTOR, modes=StackedModes())
 
     def __init__(self, n_train: int = 50_000, n_test: int = 5_000, data_seed: int = 1234) -> None:
         super().__init__()

@@ -69,10 +69,14 @@ class Evaluation(pl.Callback):
         self.kid_subset_size, self.inception_weights, self.cache_dir = kid_subset_size, inception_weights, cache_dir
         self.evaluator = None
         self.seconds = 0.0
+        self.interim_keys: set[str] = set()
 
-    def n_samples_for(self, module: GANModule) -> int:
-        """Samples per evaluation: ``n_samples``, else the data set's protocol."""
-        return self.n_samples or module.data.evaluation.samples
+    def n_samples_for(self, module: GANModule, final: bool = True) -> int:
+        """Samples per evaluation: ``n_samples``, else the data set's protocol (its interim count before the end)."""
+        if self.evaluator is not None:
+            return self.evaluator.n_samples if final else self.evaluator.interim_samples
+        spec = module.data.evaluation
+        return self.n_samples or (spec.samples if final else spec.interim_samples or spec.samples)
 
     def on_fit_start(self, trainer: pl.Trainer | None, module: GANModule) -> None:
         from ganlab.metrics.evaluator import build_evaluator  # torch-fidelity only once a run evaluates
@@ -90,7 +94,7 @@ class Evaluation(pl.Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, module: GANModule, *args: Any) -> None:
         if is_due(module.g_step, self.every, module.max_steps):
-            self.evaluate(trainer, module)
+            self.evaluate(trainer, module, final=module.g_step >= module.max_steps)
 
     @torch.no_grad()
     def equilibrium(self, module: GANModule, fake: torch.Tensor) -> dict[str, float]:
@@ -108,14 +112,14 @@ class Evaluation(pl.Callback):
         values = torch.stack([p_real.mean(), p_fake.mean(), acc]).tolist()
         return dict(zip(("eval/D(x_test)", "eval/D(G(z))", "eval/d_accuracy"), values, strict=True))
 
-    def evaluate(self, trainer: Any, module: GANModule) -> dict[str, float]:
+    def evaluate(self, trainer: Any, module: GANModule, final: bool = True) -> dict[str, float]:
         t0 = time.perf_counter()
-        n = self.evaluator.n_samples if self.evaluator is not None else self.n_samples_for(module)
+        n = self.n_samples_for(module, final)
         fake = module.sample(n, seed=self.seed, gather=True)  # a collective under DDP
         metrics: dict[str, float] | None = None
         if module.rank == 0:
             stored = module.data.to_uint8(fake) if module.data.kind == "image" else fake
-            metrics = self.evaluator(stored)
+            metrics = self.evaluator(stored, n_samples=n)
             metrics.update(self.equilibrium(module, fake))
             task_metrics = getattr(module, "task_metrics", None)  # the task's own numbers ({} for a plain GAN)
             if task_metrics is not None:
@@ -125,6 +129,11 @@ class Evaluation(pl.Callback):
             torch.distributed.broadcast_object_list(box, src=0)
             metrics = box[0]
         self.seconds += time.perf_counter() - t0
+        if final:  # numbers of interim evaluations (their own names) are not the run's final values
+            for key in self.interim_keys - metrics.keys():
+                module.last_logged.pop(key, None)
+        else:
+            self.interim_keys |= set(metrics)
         module.last_logged.update(metrics)  # the final values go into summary.json; timing is not a result
         log_to_all(trainer.loggers, {**metrics, "eval/seconds": self.seconds}, module.g_step)
         return metrics

@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,13 @@ import torch
 from torch import Tensor
 
 from ganlab.errors import UserError
-from ganlab.metrics.classifier import MIN_ACCURACY, DigitsClassifier, load_digits_classifier, train_classifier
+from ganlab.metrics.classifier import (
+    MIN_ACCURACY,
+    DigitsClassifier,
+    load_digits_classifier,
+    resolve_weights,
+    train_classifier,
+)
 from ganlab.metrics.modes import kl_to_uniform
 from ganlab.metrics.protocol import protocol_name
 
@@ -125,8 +130,27 @@ class StackedModes:
 
     from_labels: bool = False
 
-    def prepare(
-        self, data: Any, *, cache_dir: str | os.PathLike[str] | None = None
-    ) -> Callable[[Tensor], dict[str, float]]:
-        clf = channel_classifier_from_labels(data, cache_dir) if self.from_labels else load_digits_classifier()
-        return lambda samples: stacked_mode_stats(classify_channels(samples.cpu(), clf))
+    def prepare(self, data: Any, *, cache_dir: str | os.PathLike[str] | None = None) -> ChannelModes:
+        if self.from_labels:
+            return ChannelModes(channel_classifier_from_labels(data, cache_dir), weights=None)
+        return ChannelModes(load_digits_classifier(), weights=resolve_weights())
+
+
+@dataclass(frozen=True)
+class ChannelModes:
+    """What :meth:`StackedModes.prepare` returns: ``samples -> {stacked_modes<N>, stacked_kl<N>}``.
+
+    ``weights``: the file the classifier was loaded from (None: trained from the data set's labels). When it is the
+    fidelity extractor's own file (the digits CNN), the evaluator runs the network once and hands the predicted
+    channels to :meth:`from_labels` instead of calling this.
+    """
+
+    classifier: DigitsClassifier
+    weights: Path | None = None
+
+    def __call__(self, samples: Tensor) -> dict[str, float]:
+        return stacked_mode_stats(classify_channels(samples.cpu(), self.classifier))
+
+    def from_labels(self, labels: Tensor) -> dict[str, float]:
+        """The same metrics from the channels' predicted digits ``int [N, C]`` (e.g. a shared CNN pass)."""
+        return stacked_mode_stats(labels)
