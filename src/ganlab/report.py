@@ -416,7 +416,8 @@ def aggregate(root: Path, runs: Sequence[Run], *, baseline: str = DEFAULT_BASELI
                     "variant": list(members[0].variant),
                     "n": len(ok),
                     "seeds": _seed_list(ok),
-                    "failed": len(members) - len(ok),
+                    # a run still writing (or killed) is listed with the sweep's jobs, not counted as failed
+                    "failed": sum(r.problem is not None and r.status != "running" for r in members),
                     "runs": [_rel(r.path, root) for r in ok],
                     "metrics": {m: mean_ci([r.metrics[m] for r in ok if m in r.metrics]) for m in metrics},
                 }
@@ -443,12 +444,12 @@ def aggregate(root: Path, runs: Sequence[Run], *, baseline: str = DEFAULT_BASELI
             "error": r.error,
         }
         for r in runs
-        if r.problem is not None
+        if r.problem is not None and r.status != "running"
     ]
     return {
         "folder": str(root),
         "n_runs": len(runs),
-        "n_counted": len(runs) - len(failed),
+        "n_counted": sum(r.problem is None for r in runs),
         "datasets": datasets,
         "failed": failed,
         "jobs": sweep_jobs(root, runs),
