@@ -95,17 +95,3 @@ def test_a_sweep_with_only_pending_jobs_still_reports_them(tmp_path: Path) -> No
     OmegaConf.save(OmegaConf.create(record), sweep / "multirun.yaml")
     report = write_report(sweep, plots=False)
     assert [j["state"] for j in report["jobs"]] == ["pending", "pending"]
-
-
-def test_a_run_still_running_is_a_job_not_a_failure(tmp_path: Path) -> None:
-    sweep = tmp_path / "sweep"
-    _run(sweep / "0_minimax_0", "minimax", 0, 0, modes2500=8.0)
-    _run(sweep / "1_minimax_1", "minimax", 1, 1, status="running")
-    _run(sweep / "2_minimax_2", "minimax", 2, 2, status="failed", modes2500=1.0)
-    record = {"hydra": {"sweeper": {"params": {"loss": "minimax"}}, "overrides": {"task": ["seed=0,1,2"]}}}
-    OmegaConf.save(OmegaConf.create(record), sweep / "multirun.yaml")
-    report = write_report(sweep, plots=False)
-    row = report["datasets"]["ring8"]["arms"][0]
-    assert (row["n"], row["failed"]) == (1, 1)  # the running run is neither counted nor failed
-    assert [f["seed"] for f in report["failed"]] == [2] and report["n_counted"] == 1
-    assert {j["job"]: j["state"] for j in report["jobs"]} == {1: "running", 2: "failed"}

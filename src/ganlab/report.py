@@ -416,8 +416,7 @@ def aggregate(root: Path, runs: Sequence[Run], *, baseline: str = DEFAULT_BASELI
                     "variant": list(members[0].variant),
                     "n": len(ok),
                     "seeds": _seed_list(ok),
-                    # a run still writing (or killed) is listed with the sweep's jobs, not counted as failed
-                    "failed": sum(r.problem is not None and r.status != "running" for r in members),
+                    "failed": len(members) - len(ok),
                     "runs": [_rel(r.path, root) for r in ok],
                     "metrics": {m: mean_ci([r.metrics[m] for r in ok if m in r.metrics]) for m in metrics},
                 }
@@ -444,12 +443,12 @@ def aggregate(root: Path, runs: Sequence[Run], *, baseline: str = DEFAULT_BASELI
             "error": r.error,
         }
         for r in runs
-        if r.problem is not None and r.status != "running"
+        if r.problem is not None
     ]
     return {
         "folder": str(root),
         "n_runs": len(runs),
-        "n_counted": sum(r.problem is None for r in runs),
+        "n_counted": len(runs) - len(failed),
         "datasets": datasets,
         "failed": failed,
         "jobs": sweep_jobs(root, runs),
