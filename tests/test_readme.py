@@ -153,6 +153,9 @@ def test_every_readme_command_runs(command: str, tmp_path: Path) -> None:
         with pytest.raises(UserError, match="resume"):
             _train_tiny(overrides, tmp_path / "run")
         return
+    if any(a.startswith("trainer.devices=") for a in overrides):  # DDP: tests/test_ddp.py trains it (2 processes)
+        assert _compose(overrides).trainer.devices not in (None, 1)
+        return
     jobs = _jobs(overrides) if multirun else [overrides]
     assert jobs, command
     for job in jobs:  # every job of a sweep composes ...
