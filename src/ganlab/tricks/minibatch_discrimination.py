@@ -17,6 +17,15 @@ log = logging.getLogger(__name__)
 
 SCALE_BY = ("nearest", "mean", "none")  # the first batch's distance that sets T's scale (MinibatchDiscrimination)
 
+
+def check_args(n_kernels: int, kernel_dim: int, scale_by: str, where: str) -> None:
+    """One-line ``ValueError`` (naming ``where``) for sizes below 1 or an unknown ``scale_by``."""
+    if n_kernels < 1 or kernel_dim < 1:
+        raise ValueError(f"{where}: n_kernels and kernel_dim must be >= 1 (got {n_kernels}, {kernel_dim})")
+    if scale_by not in SCALE_BY:
+        raise ValueError(f"{where}: scale_by must be one of {', '.join(SCALE_BY)} (got {scale_by!r})")
+
+
 # -- the similarity o(x) and its gradient ---------------------------------------------------------------------
 #
 # With M in R^{B x C x n} (kernel b, coordinate c, example i):
@@ -233,14 +242,7 @@ class MinibatchDiscrimination(nn.Module):
         scale_by: str = "nearest",
     ) -> None:
         super().__init__()
-        if n_kernels < 1 or kernel_dim < 1:
-            raise ValueError(
-                f"minibatch discrimination needs n_kernels, kernel_dim >= 1 (got {n_kernels}, {kernel_dim})"
-            )
-        if scale_by not in SCALE_BY:
-            raise ValueError(
-                f"minibatch discrimination: scale_by must be one of {', '.join(SCALE_BY)} (got {scale_by!r})"
-            )
+        check_args(n_kernels, kernel_dim, scale_by, "minibatch discrimination")
         self.scale_by = scale_by
         self.in_features, self.n_kernels, self.kernel_dim = in_features, n_kernels, kernel_dim
         self.extra_features = n_kernels  # what the layer appends: B similarity features
@@ -248,6 +250,7 @@ class MinibatchDiscrimination(nn.Module):
         self.log_scale = nn.Parameter(torch.zeros(n_kernels, kernel_dim))  # [B, C]
         self.bias = nn.Parameter(torch.full((n_kernels,), -1.0))  # [B]
         self.register_buffer("initialised", torch.tensor(scale_by == "none"))
+        self._ready = False  # cached: initialised is known to be True
 
     @property
     def T(self) -> Tensor:
@@ -261,8 +264,13 @@ class MinibatchDiscrimination(nn.Module):
 
     def similarity(self, x: Tensor) -> Tensor:
         """``o(x)``: ``[n, B]`` closeness of each example to the rest of the batch (bias included)."""
-        if self.training and not bool(self.initialised):
-            self._initialise(x)
+        # the buffer is read (a host sync) only until it is True; after that every D pass skips the check. The
+        # buffer stays the record (a loaded checkpoint sets it), the flag only caches it.
+        if self.training and not self._ready:
+            if bool(self.initialised):
+                self._ready = True
+            else:
+                self._initialise(x)
         return similarity(self.kernels(x)).t() + self.bias
 
     @torch.no_grad()
@@ -306,15 +314,7 @@ class MinibatchDiscriminationD(Trick):
     ) -> None:
         if len(layers) == 0:
             raise ValueError("tricks.minibatch_discrimination.layers must name at least one D layer")
-        if n_kernels < 1 or kernel_dim < 1:
-            raise ValueError(
-                "tricks.minibatch_discrimination: n_kernels and kernel_dim must be >= 1 "
-                f"(got {n_kernels}, {kernel_dim})"
-            )
-        if scale_by not in SCALE_BY:
-            raise ValueError(
-                f"tricks.minibatch_discrimination.scale_by must be one of {', '.join(SCALE_BY)} (got {scale_by!r})"
-            )
+        check_args(n_kernels, kernel_dim, scale_by, "tricks.minibatch_discrimination")
         self.layers, self.n_kernels, self.kernel_dim = [int(i) for i in layers], int(n_kernels), int(kernel_dim)
         self.scale_by = scale_by
 
