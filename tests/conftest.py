@@ -19,6 +19,9 @@ CONF = ROOT / "conf"
 TRAIN = ROOT / "src" / "train.py"
 
 os.environ.setdefault("WANDB_SILENT", "true")
+# model.threads=auto (the DCGAN default) would pick 1 or 2 threads by the machine's load, and float reductions
+# depend on the count: runs the tests compare use a fixed one (test_threads.py unsets it to test auto)
+os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 # a tiny, fast 2-D setting for tests that train in-process
 TINY = [

@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ganlab import threads
 from ganlab.data.base import EvalSpec, InMemoryData
 
 BUILTIN_DATA = ("digits", "stacked_digits", "ring8", "grid25")
@@ -87,8 +88,8 @@ def compose(overrides: Sequence[str] = ()) -> Any:
 
 def set_threads(cfg: Any) -> None:
     """What the pipeline does with ``model.threads`` (see :mod:`ganlab.pipeline`)."""
-    threads = cfg.model.get("threads")
-    torch.set_num_threads(int(threads) if threads else (os.cpu_count() or 1))
+    setting = cfg.model.get("threads")
+    threads.apply(setting if setting is not None else (os.cpu_count() or 1))
 
 
 # -- the two loops ------------------------------------------------------------------------------------------------
@@ -403,13 +404,14 @@ SHARED_VARIANTS: dict[str, dict[str, str]] = {
     "2 threads (torch default)": {"GANLAB_BENCH_THREADS": "2"},
     "2 threads, OMP_WAIT_POLICY=PASSIVE": {"GANLAB_BENCH_THREADS": "2", "OMP_WAIT_POLICY": "PASSIVE"},
     "1 thread": {"GANLAB_BENCH_THREADS": "1"},
+    "auto (the default, as src/train.py sets it)": {"GANLAB_BENCH_THREADS": "auto", "OMP_WAIT_POLICY": "PASSIVE"},
 }
 
 
 def _child_rate(steps: int) -> None:
     """Child process: the default digits pipeline's steady steps/s, printed as ``RATE <x>``."""
-    threads = os.environ.get("GANLAB_BENCH_THREADS", "")
-    cfg = compose(["data=digits", "metrics=none", *([f"model.threads={threads}"] if threads else [])])
+    setting = os.environ.get("GANLAB_BENCH_THREADS", "")
+    cfg = compose(["data=digits", "metrics=none", *([f"model.threads={setting}"] if setting else [])])
     with tempfile.TemporaryDirectory() as tmp:
         rate, _ = pipeline_run(cfg, steps, max(2, steps // 5), Path(tmp))
     print(f"RATE {rate}", flush=True)
@@ -554,7 +556,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             emit()
             emit("| default digits run, threads | alone G steps/s | beside 1 busy process | kept (goal >= 70 %) |")
             emit("|---|---|---|---|")
-            for name, alone, beside in shared_rates(100 if quick else 400, 1 if quick else 3):
+            for name, alone, beside in shared_rates(100 if quick else 400, args.rounds or (1 if quick else 3)):
                 emit(f"| {name} | {alone:.3g} | {beside:.3g} | {100 * beside / alone:.0f} % |")
     emit()
     emit(f"measured in {time.perf_counter() - t_start:.0f} s; load average now {os.getloadavg()[0]:.2f}")

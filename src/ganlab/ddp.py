@@ -50,6 +50,8 @@ from pytorch_lightning.plugins.environments import SLURMEnvironment, TorchElasti
 from pytorch_lightning.strategies import DDPStrategy
 from pytorch_lightning.strategies.launchers import _SubprocessScriptLauncher
 
+from ganlab.threads import usable_cores
+
 WORKER_ENV = "GANLAB_DDP_WORKER"  # JSON: the resolved config, the run folder and the checkpoint to resume from
 _WORKER_CMD = "from ganlab.ddp import worker_main; worker_main()"
 _SRC = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -86,13 +88,6 @@ def launch_rank(devices: int) -> int:
         return int(os.environ["RANK"])
     node = int(os.environ.get("NODE_RANK", os.environ.get("GROUP_RANK", 0)))
     return node * devices + int(os.environ.get("LOCAL_RANK", 0))
-
-
-def usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1
 
 
 class RankLauncher(_SubprocessScriptLauncher):

@@ -88,14 +88,14 @@ def load_run(target: str | Path, overrides: Sequence[str] = ()) -> LoadedRun:
     import pytorch_lightning as pl
     import torch
 
+    from ganlab import threads
     from ganlab.checkpoint import load
     from ganlab.pipeline import build
     from ganlab.record import read_json
 
     run_dir, ckpt_path = locate(target)
     cfg = run_config(run_dir, overrides)
-    if cfg.model.get("threads"):
-        torch.set_num_threads(int(cfg.model.threads))
+    threads.apply(cfg.model.get("threads"))
     try:
         ckpt = load(ckpt_path)
     except UserError as exc:  # its messages speak of resuming; here the checkpoint is evaluated

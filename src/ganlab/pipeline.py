@@ -25,6 +25,7 @@ from pytorch_lightning.loggers import WandbLogger
 from pytorch_lightning.plugins.environments import SLURMEnvironment
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
+from ganlab import threads
 from ganlab.callbacks import PeriodicCheckpoint, Preemption, SampleGrid, StepProgress
 from ganlab.checkpoint import check_compatible, fingerprint, read_checkpoint_step
 from ganlab.checkpoint import load as load_checkpoint
@@ -74,8 +75,8 @@ def validate(cfg: DictConfig) -> None:
         betas = list(opt.betas)
         if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in betas):
             raise UserError(f"model.{player}.betas must be two numbers in [0, 1) (got {betas})")
-    if cfg.model.get("threads") is not None:
-        _positive_int("model.threads", cfg.model.threads)
+    if cfg.model.get("threads") is not None and cfg.model.threads != "auto":
+        _positive_int("model.threads (or auto)", cfg.model.threads)
     trainer = cfg.trainer
     for key in _PIPELINE_TRAINER_KEYS:
         if key in trainer:
@@ -292,6 +293,11 @@ def _resume_point(cfg: DictConfig, run_dir: Path, previous: Mapping[str, Any]) -
     return ckpt, state
 
 
+def saved_threads(state: Mapping[str, Any] | None) -> int | None:
+    """The thread count a resumed run trained with (checkpoints from before it was saved: None)."""
+    return state["ganlab"].get("threads") if state is not None else None
+
+
 def train_rank(cfg: DictConfig, run_dir: Path | str, ckpt: Path | str | None) -> dict[str, Any]:
     """Train as a rank > 0 of a DDP run: the same module, callbacks and Trainer as rank 0 (every callback acts in
     step with it), from the same checkpoint, writing nothing (no record, config, loggers or files: rank 0 writes the
@@ -302,8 +308,7 @@ def train_rank(cfg: DictConfig, run_dir: Path | str, ckpt: Path | str | None) ->
     state = load_checkpoint(Path(ckpt)) if ckpt else None
     if state is not None and int(state["ganlab"]["g_step"]) >= cfg.max_steps:
         return {"status": "nothing to train"}  # rank 0 says why (complete, or nothing to extend)
-    if cfg.model.get("threads"):
-        torch.set_num_threads(int(cfg.model.threads))
+    threads.apply(cfg.model.get("threads"), saved_threads(state))
     pl.seed_everything(cfg.seed, workers=False, verbose=False)
     module = build(cfg)
     cbs = callbacks(cfg, run_dir, fingerprint(cfg, module.batch_size))
@@ -370,8 +375,8 @@ def train(cfg: DictConfig, run_dir: Path, *, identity: Mapping[str, Any] | None 
             record.resume_from(ckpt, int(state["ganlab"]["g_step"]))
         record.save()
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
-        if cfg.model.get("threads"):
-            torch.set_num_threads(int(cfg.model.threads))
+        # auto: the cores free now (a resume reuses the saved count: results depend on it)
+        record.update(threads=threads.apply(cfg.model.get("threads"), saved_threads(state)))
         pl.seed_everything(cfg.seed, workers=False, verbose=False)
         module = build(cfg)
         current = fingerprint(cfg, module.batch_size)

@@ -393,6 +393,7 @@ class GANModule(pl.LightningModule):
             "g_step": self.g_step,
             "d_updates": self.d_updates,
             "torch_rng": torch.get_rng_state(),
+            "threads": torch.get_num_threads(),  # model.threads=auto resumes with it (reductions depend on it)
             "tricks": [trick.state_dict() for trick in self.tricks],
         }
 

@@ -1,0 +1,102 @@
+"""``model.threads=auto``: the cores other processes leave free when a run starts, kept across a resume."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from conftest import TINY, compose_cfg
+from ganlab import threads
+from ganlab.pipeline import train
+
+
+def test_resolve_takes_numbers_as_given_and_auto_from_the_env_or_a_saved_count(monkeypatch) -> None:
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert threads.resolve(None) is None and threads.resolve(4) == 4 and threads.resolve("2") == 2
+    assert threads.resolve("auto") == 3  # the launcher's (or SLURM's, or the user's) choice wins
+    assert threads.resolve("auto", saved=1) == 1  # a resumed run keeps the count it trained with
+
+
+@pytest.mark.parametrize(
+    ("cores", "load", "expected"),
+    [(2, 0.0, 2), (2, 0.4, 2), (2, 0.6, 1), (2, 1.0, 1), (2, 1.9, 1), (4, 1.0, 3), (4, 2.2, 2), (8, 0.05, 8)],
+)
+def test_auto_takes_the_cores_others_leave_free_and_at_least_one(monkeypatch, cores, load, expected) -> None:
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(threads, "usable_cores", lambda: cores)
+    monkeypatch.setattr(threads, "others_load", lambda probe_s=0.0: load)
+    assert threads.auto_threads() == expected
+
+
+def test_others_load_subtracts_this_process_own_cpu_time(monkeypatch) -> None:
+    # over the window the two cores were busy 150 of 200 jiffies; 50 of them (0.5 s at HZ=100) were this process
+    samples = iter([(100, 1000), (250, 1200)])
+    times = iter([SimpleNamespace(user=1.0, system=0.25), SimpleNamespace(user=1.4, system=0.35)])
+    monkeypatch.setattr(threads.os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr(threads, "_cpu_jiffies", lambda cpus: next(samples))
+    monkeypatch.setattr(threads.os, "times", lambda: next(times))
+    monkeypatch.setattr(threads.os, "sysconf", lambda name: 100)
+    monkeypatch.setattr(threads.time, "sleep", lambda s: None)
+    assert threads.others_load() == pytest.approx((150 - 50) / 200 * 2)
+
+
+def test_cpu_jiffies_reads_only_this_process_cores(monkeypatch, tmp_path: Path) -> None:
+    stat = tmp_path / "stat"
+    stat.write_text(
+        "cpu  30 0 30 30 0 0 0 0 0 0\n"
+        "cpu0 10 0 10 10 5 0 0 0 0 0\n"  # busy 20 of 35 (iowait counts as idle)
+        "cpu1 20 0 20 20 0 0 0 0 0 0\n"
+        "intr 12345\n"
+    )
+    real = Path
+
+    monkeypatch.setattr(threads, "Path", lambda p: real(stat) if p == "/proc/stat" else real(p))
+    assert threads._cpu_jiffies({0}) == (20, 35)
+    assert threads._cpu_jiffies({0, 1}) == (60, 95)
+
+
+@pytest.mark.skipif(threads.usable_cores() < 2 or not Path("/proc/stat").exists(), reason="needs 2 cores, Linux")
+def test_beside_a_cpu_bound_process_auto_leaves_it_its_core(monkeypatch) -> None:
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        threads.others_load(0.3)  # let it start
+        load = threads.others_load(0.5)
+        auto = threads.auto_threads(0.5)
+    finally:
+        hog.kill()
+        hog.wait()
+    assert load >= 0.8, load
+    assert auto <= threads.usable_cores() - 1
+
+
+def test_a_run_records_its_auto_count_and_a_resume_keeps_it(tmp_path: Path, monkeypatch) -> None:
+    before = torch.get_num_threads()
+    common = [*TINY, "model.threads=auto", "ckpt_every=2", "model.lr_decay=none"]
+    try:
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        first = train(compose_cfg([*common, "max_steps=2"]), tmp_path / "run")
+        ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the machine changed; the run's reductions must not
+        train(compose_cfg([*common, "max_steps=4", "resume=auto"]), tmp_path / "run")
+        resumed = json.loads((tmp_path / "run" / "summary.json").read_text())
+        fresh = train(compose_cfg([*common, "max_steps=2"]), tmp_path / "fresh")
+    finally:
+        torch.set_num_threads(before)
+    assert first["threads"] == 1 and ckpt["ganlab"]["threads"] == 1
+    assert resumed["threads"] == 1 and resumed["g_steps"] == 4
+    assert fresh["threads"] == 2
+
+
+def test_bad_thread_settings_are_refused(tmp_path: Path) -> None:
+    from ganlab.errors import UserError
+
+    for bad in ("model.threads=0", "model.threads=many"):
+        with pytest.raises(UserError, match=r"model\.threads"):
+            train(compose_cfg([*TINY, bad, "max_steps=2"]), tmp_path / bad.replace("=", "_"))
