@@ -77,3 +77,38 @@ def test_quick_benchmark_finishes_within_a_minute() -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "| digits |" in proc.stdout and "share of default run" in proc.stdout
     assert time.perf_counter() - t0 < 60  # on an idle 2-core machine
+
+
+def test_the_shared_table_gives_each_child_the_variant_env_and_a_busy_neighbour(monkeypatch) -> None:
+    # fake children: the rate a thread setting would get, halved beside the busy process for 2 threads
+    calls: list[tuple[dict[str, str], bool]] = []
+    hogs: list[object] = []
+
+    class Hog:
+        def __init__(self, cmd: list[str]) -> None:
+            hogs.append(self)
+            self.alive = True
+
+        def kill(self) -> None:
+            self.alive = False
+
+        def wait(self) -> None:
+            pass
+
+    def child(cmd, env, **kwargs):
+        busy = any(h.alive for h in hogs)
+        calls.append((env, busy))
+        assert "OMP_NUM_THREADS" not in env  # auto must measure, not read the parent's setting
+        n = {"2": 2, "1": 1, "auto": 1 if busy else 2}[env["GANLAB_BENCH_THREADS"]]
+        rate = {2: 10.0 if not busy else 5.0, 1: 8.0}[n]
+        return subprocess.CompletedProcess(cmd, 0, stdout=f"noise\nRATE {rate} {n}\n", stderr="")
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    monkeypatch.setattr(bench.subprocess, "Popen", Hog)
+    monkeypatch.setattr(bench.subprocess, "run", child)
+    rows = {name: rest for name, *rest in bench.shared_rates(10, rounds=1)}
+    assert rows[bench.AUTO_VARIANT] == [10.0, 8.0, "2/1"]
+    assert rows[bench.BEFORE_VARIANT] == [10.0, 5.0, "2/2"]
+    assert [busy for _, busy in calls] == [False, True] * len(bench.SHARED_VARIANTS)
+    assert all(not h.alive for h in hogs)  # every busy neighbour is killed
+    assert calls[-1][0]["OMP_WAIT_POLICY"] == "PASSIVE"
