@@ -484,3 +484,13 @@ def test_declarations_of_the_paper_protocols() -> None:
     assert StackedDigits.evaluation.samples == StackedMNIST.evaluation.samples == 26_000  # PacGAN Table 2
     assert Digits.evaluation.features == "digits-cnn" and MNIST.evaluation.features == "inception-v3-compat"
     assert isinstance(Ring8.evaluation.modes, MixtureModes)
+
+
+def test_the_grids_get_the_wide_mlp_and_the_rings_the_narrow_one() -> None:
+    from conftest import compose_cfg
+
+    for data, width in [("grid25", 256), ("grid", 256), ("ring8", 128), ("ring", 128)]:
+        cfg = compose_cfg([f"data={data}"])
+        assert cfg.model.generator.width == cfg.model.discriminator.width == width, data
+        assert cfg.model.generator._target_.endswith("MLPGenerator") and cfg.model.lr_decay == "linear", data
+    assert compose_cfg(["data=grid25", "model=mlp"]).model.generator.width == 128  # the command line still wins

@@ -338,3 +338,8 @@ def test_the_slurm_gpu_request_follows_the_data_sets_kind() -> None:
 
     assert gpus_for([compose_cfg(["data=ring8"]), compose_cfg(["data=gauss1d"])]) == 0
     assert gpus_for([compose_cfg(["data=ring8"]), compose_cfg(["data=digits"])]) == 1
+
+
+def test_the_grid_recipe_runs_the_goal_budget_and_the_command_line_wins() -> None:
+    assert compose_cfg(["+sweep=arms_grid25", "data=grid25"]).max_steps == 10000
+    assert compose_cfg(["+sweep=arms_grid25", "data=grid25", "max_steps=300"]).max_steps == 300
