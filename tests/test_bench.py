@@ -112,3 +112,23 @@ def test_the_shared_table_gives_each_child_the_variant_env_and_a_busy_neighbour(
     assert [busy for _, busy in calls] == [False, True] * len(bench.SHARED_VARIANTS)
     assert all(not h.alive for h in hogs)  # every busy neighbour is killed
     assert calls[-1][0]["OMP_WAIT_POLICY"] == "PASSIVE"
+
+
+def test_auto_is_resolved_once_so_pipeline_and_plain_loop_share_a_count(monkeypatch) -> None:
+    from ganlab import threads
+
+    counts = iter([1, 2, 2, 1])
+    monkeypatch.setattr(threads, "auto_threads", lambda probe_s=0.0: next(counts))
+    bench._auto_threads.cache_clear()
+    before = torch.get_num_threads()
+    try:
+        cfg = bench.compose(["data=digits"])
+        assert cfg.model.threads == "auto"
+        seen = []
+        for _ in range(3):
+            bench.set_threads(cfg)
+            seen.append(torch.get_num_threads())
+    finally:
+        bench._auto_threads.cache_clear()
+        torch.set_num_threads(before)
+    assert seen == [1, 1, 1]

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import functools
 import io
 import os
 import statistics
@@ -86,10 +87,21 @@ def compose(overrides: Sequence[str] = ()) -> Any:
         return hydra_compose("config", overrides=["logger=csv", *overrides])
 
 
+@functools.cache
+def _auto_threads() -> int:
+    """``auto`` resolved once per process: the pipeline and the plain loop it is compared with get the same count,
+    and the 0.25 s look at the cores is not repeated at every timed run."""
+    return threads.auto_threads()
+
+
 def set_threads(cfg: Any) -> None:
-    """What the pipeline does with ``model.threads`` (see :mod:`ganlab.pipeline`)."""
+    """What the pipeline does with ``model.threads`` (see :mod:`ganlab.threads`), ``auto`` decided once."""
     setting = cfg.model.get("threads")
-    threads.apply(setting if setting is not None else (os.cpu_count() or 1))
+    if setting is None:
+        setting = os.cpu_count() or 1
+    elif str(setting) == "auto":
+        setting = _auto_threads()
+    threads.apply(setting)
 
 
 # -- the two loops ------------------------------------------------------------------------------------------------
