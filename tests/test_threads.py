@@ -100,3 +100,12 @@ def test_bad_thread_settings_are_refused(tmp_path: Path) -> None:
     for bad in ("model.threads=0", "model.threads=many"):
         with pytest.raises(UserError, match=r"model\.threads"):
             train(compose_cfg([*TINY, bad, "max_steps=2"]), tmp_path / bad.replace("=", "_"))
+
+
+def test_usable_cores_respects_a_cgroup_quota(monkeypatch, tmp_path: Path) -> None:
+    (tmp_path / "cpu.max").write_text("150000 100000\n")  # cgroup v2: 1.5 cores
+    monkeypatch.setattr(threads.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    monkeypatch.setattr(threads, "Path", lambda p: tmp_path / ("cpu.max" if p.endswith("cpu.max") else "absent"))
+    assert threads.usable_cores() == 2
+    (tmp_path / "cpu.max").write_text("max 100000\n")  # unlimited: the affinity decides
+    assert threads.usable_cores() == 4
