@@ -126,6 +126,10 @@ def test_minibatch_discrimination_equals_an_explicit_double_loop() -> None:
     assert out.shape == (n, a + b)
     torch.testing.assert_close(out[:, :a], x)
     torch.testing.assert_close(out[:, a:], _double_loop(m) + layer.bias.detach(), rtol=1e-5, atol=1e-6)
+    # the whole layer's gradient (through T's weight norm and the matmul) in float64, by finite differences
+    layer64 = MinibatchDiscrimination(a, n_kernels=b, kernel_dim=c, init_std=0.3).double().eval()
+    x64 = torch.randn(n, a, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x_, th: layer64.similarity(x_), (x64, layer64.theta))
     # a conv map is flattened once and o(x) concatenated once: [n, c*h*w + B], not B channels per position
     xc = torch.randn(n, 2, 3, 3)
     conv_layer = MinibatchDiscrimination(18, n_kernels=b, kernel_dim=c).eval()
@@ -152,6 +156,15 @@ def test_minibatch_discrimination_kernel_and_its_gradient_equal_the_formula() ->
     (grad_ref,) = torch.autograd.grad((ref * w).sum(), m32)
     torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(grad_fast, grad_ref, rtol=1e-5, atol=1e-5)
+    # the kernel's two paths: C <= 8 summed in registers (C a compile-time constant), larger C one pass per
+    # coordinate; each against cdist + autograd in float64
+    for c in (1, 5, 8, 9, 12):
+        mc = torch.randn(4, c, 33, dtype=torch.float64, generator=g).requires_grad_()
+        wc = torch.randn(4, 33, dtype=torch.float64, generator=g)
+        fast, ref = similarity(mc), similarity_reference(mc)
+        torch.testing.assert_close(fast, ref, rtol=1e-10, atol=1e-12)
+        grads = [torch.autograd.grad((o * wc).sum(), mc)[0] for o in (fast, ref)]
+        torch.testing.assert_close(grads[0], grads[1], rtol=1e-10, atol=1e-12)
 
 
 def test_minibatch_discrimination_starts_as_the_authors_code_does() -> None:

@@ -33,13 +33,15 @@ def check_args(n_kernels: int, kernel_dim: int, scale_by: str, where: str) -> No
 #   dL/dM_bck = -sum_j (g_bk + g_bj) c_bkj sign(M_bck - M_bcj)          (g = dL/do; c and d are symmetric)
 # Every pair (k, j) contributes to both k and j, so one pass over the n(n-1)/2 pairs of each kernel computes
 # either. The C++ below does exactly that (kernels split over threads by at::parallel_for): the distances of the
-# n(n-1)/2 pairs, then ATen's vectorised exp, then the sums; the backward reuses each pair's exp(-d) (B n(n-1)/2
-# numbers, freed with the graph).
+# n(n-1)/2 pairs (for C <= 8 the C coordinates summed in registers, C a compile-time constant), then ATen's
+# vectorised exp, then the sums; the backward reuses each pair's exp(-d) (B n(n-1)/2 numbers, freed with the
+# graph). GCC builds the loops for AVX2 and for the x86-64 baseline and the loader picks one per machine.
 #
-# Measured on one thread at n = 256, A = 128 (scripts in the report of issue 10): torch.cdist(p=1) + autograd
-# takes 66.5 ms forward+backward at B = 100, C = 5 and 7.1 ms at B = 10, C = 3; most of it is cdist's generic
-# p-norm backward, and no composition of eager ops was faster (a chunked custom backward with sign() and einsum
-# measured the same as cdist; torch.compile took 45 s to compile and was no faster).
+# Measured on one thread at n = 256, A = 128, the whole layer's forward+backward (python -m ganlab.bench):
+# torch.cdist(p=1) + autograd took 66.5 ms at B = 100, C = 5 and 7.1 ms at B = 10, C = 3, most of it cdist's
+# generic p-norm backward; no composition of eager ops was faster (a chunked custom backward with sign() and
+# einsum measured the same as cdist; torch.compile took 45 s to compile and was no faster). The first version of
+# this kernel: 26.9 and 3.4 ms; this one (AVX2 clones, C in registers, T applied by one matmul): see the README.
 
 _CPP = r"""
 #include <torch/extension.h>
@@ -48,67 +50,168 @@ _CPP = r"""
 #include <limits>
 #include <vector>
 
-// m: [B, C, n] contiguous. Returns d: [B, n (n - 1) / 2], d_bkj = sum_c |m_bck - m_bcj| for every pair j > k,
-// in row order (k = 0: j = 1..n-1, then k = 1: j = 2..n-1, ...).
-torch::Tensor md_distances(torch::Tensor m) {
+// GCC on x86-64 builds each hot loop twice, for AVX2 and for the baseline, and the loader picks one per machine
+// (an ifunc): the cached build runs on any x86-64 CPU and uses AVX2 where there is one.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define MD_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define MD_CLONES
+#endif
+#define MD_INLINE inline __attribute__((always_inline))
+
+// One kernel b of m [B, C, n]: x = m_b (C rows of n), d = the pairs j > k in row order (k = 0: j = 1..n-1, then
+// k = 1: j = 2..n-1, ...). CC > 0 is C known at compile time: the C coordinates of a pair are summed in registers
+// (unrolled) in one pass over j; CC = 0 is any C: one pass over j per coordinate.
+
+// d_kj = -sum_c |x_ck - x_cj|, and -inf where exp(d) would fall below the smallest normal number (an error under
+// 2e-35 for float): denormal results would make exp and every product with them 10-100x slower on x86.
+template <typename T, int CC>
+static MD_INLINE void neg_distances_t(const T* __restrict__ x, T* __restrict__ d, int64_t C_, int64_t n) {
+  const int64_t C = CC > 0 ? CC : C_;
+  const T cut = sizeof(T) == 4 ? T(80) : T(700);
+  const T inf = std::numeric_limits<T>::infinity();
+  for (int64_t k = 0; k + 1 < n; ++k) {
+    const int64_t r = n - k - 1;
+    if (CC > 0) {
+      T xk[CC > 0 ? CC : 1];
+      for (int c = 0; c < CC; ++c) xk[c] = x[c * n + k];
+      for (int64_t j = 0; j < r; ++j) {
+        T s = 0;
+#pragma GCC unroll 16
+        for (int c = 0; c < CC; ++c) s += std::abs(xk[c] - x[c * n + k + 1 + j]);
+        d[j] = s > cut ? -inf : -s;
+      }
+    } else {
+      for (int64_t j = 0; j < r; ++j) d[j] = 0;
+      for (int64_t c = 0; c < C; ++c) {
+        const T xk = x[c * n + k];
+        const T* xc = x + c * n + k + 1;
+        for (int64_t j = 0; j < r; ++j) d[j] += std::abs(xk - xc[j]);
+      }
+      for (int64_t j = 0; j < r; ++j) d[j] = d[j] > cut ? -inf : -d[j];
+    }
+    d += r;
+  }
+}
+
+// o_i += sum_{j != i} e_ij (o zeroed by the caller).
+template <typename T>
+static MD_INLINE void pair_sums_t(const T* __restrict__ e, T* __restrict__ o, int64_t n) {
+  for (int64_t k = 0; k + 1 < n; ++k) {
+    const int64_t r = n - k - 1;
+    T* oj = o + k + 1;
+    T acc = 0;
+    for (int64_t j = 0; j < r; ++j) {
+      acc += e[j];
+      oj[j] += e[j];
+    }
+    o[k] += acc;
+    e += r;
+  }
+}
+
+// grad_ck += -sum_j (g_k + g_j) e_kj sign(x_ck - x_cj), each pair visited once (grad zeroed by the caller;
+// d/dx_cj of -|x_ck - x_cj| is +sign(x_ck - x_cj)).
+template <typename T, int CC>
+static MD_INLINE void backward_t(const T* __restrict__ x, const T* __restrict__ g, const T* __restrict__ e,
+                                 T* __restrict__ grad, T* __restrict__ v, int64_t C_, int64_t n) {
+  const int64_t C = CC > 0 ? CC : C_;
+  for (int64_t k = 0; k + 1 < n; ++k) {
+    const int64_t r = n - k - 1;
+    const T gk = g[k];
+    const T* gj = g + k + 1;
+    if (CC > 0) {
+      T xk[CC > 0 ? CC : 1], acc[CC > 0 ? CC : 1];
+      for (int c = 0; c < CC; ++c) {
+        xk[c] = x[c * n + k];
+        acc[c] = 0;
+      }
+      for (int64_t j = 0; j < r; ++j) {
+        const T w = (gk + gj[j]) * e[j];
+#pragma GCC unroll 16
+        for (int c = 0; c < CC; ++c) {
+          const T xj = x[c * n + k + 1 + j];
+          const T t = w * (T(xk[c] > xj) - T(xk[c] < xj));
+          acc[c] += t;
+          grad[c * n + k + 1 + j] += t;
+        }
+      }
+      for (int c = 0; c < CC; ++c) grad[c * n + k] -= acc[c];
+    } else {
+      for (int64_t j = 0; j < r; ++j) v[j] = (gk + gj[j]) * e[j];
+      for (int64_t c = 0; c < C; ++c) {
+        const T xk = x[c * n + k];
+        const T* xc = x + c * n + k + 1;
+        T* gc = grad + c * n + k + 1;
+        T acc = 0;
+        for (int64_t j = 0; j < r; ++j) {
+          const T t = v[j] * (T(xk > xc[j]) - T(xk < xc[j]));
+          acc += t;
+          gc[j] += t;
+        }
+        grad[c * n + k] -= acc;
+      }
+    }
+    e += r;
+  }
+}
+
+// Non-template entry points (target_clones needs them), one per type and compile-time C, in a table by C.
+#define MD_ENTRIES(T, CC)                                                                                      \
+  MD_CLONES static void dist_##T##_##CC(const T* x, T* d, int64_t C, int64_t n) {                              \
+    neg_distances_t<T, CC>(x, d, C, n);                                                                        \
+  }                                                                                                            \
+  MD_CLONES static void back_##T##_##CC(const T* x, const T* g, const T* e, T* gr, T* v, int64_t C, int64_t n) { \
+    backward_t<T, CC>(x, g, e, gr, v, C, n);                                                                   \
+  }
+#define MD_TYPE(T)                                                                                             \
+  MD_ENTRIES(T, 0) MD_ENTRIES(T, 1) MD_ENTRIES(T, 2) MD_ENTRIES(T, 3) MD_ENTRIES(T, 4) MD_ENTRIES(T, 5)        \
+  MD_ENTRIES(T, 6) MD_ENTRIES(T, 7) MD_ENTRIES(T, 8)                                                           \
+  MD_CLONES static void sums_##T(const T* e, T* o, int64_t n) { pair_sums_t<T>(e, o, n); }                     \
+  static void (*const dist_##T[9])(const T*, T*, int64_t, int64_t) = {                                         \
+      dist_##T##_0, dist_##T##_1, dist_##T##_2, dist_##T##_3, dist_##T##_4,                                    \
+      dist_##T##_5, dist_##T##_6, dist_##T##_7, dist_##T##_8};                                                 \
+  static void (*const back_##T[9])(const T*, const T*, const T*, T*, T*, int64_t, int64_t) = {                 \
+      back_##T##_0, back_##T##_1, back_##T##_2, back_##T##_3, back_##T##_4,                                    \
+      back_##T##_5, back_##T##_6, back_##T##_7, back_##T##_8};
+MD_TYPE(float)
+MD_TYPE(double)
+
+template <typename T> struct Entries;
+template <> struct Entries<float> {
+  static auto dist(int64_t C) { return dist_float[C <= 8 ? C : 0]; }
+  static auto back(int64_t C) { return back_float[C <= 8 ? C : 0]; }
+  static constexpr auto sums = sums_float;
+};
+template <> struct Entries<double> {
+  static auto dist(int64_t C) { return dist_double[C <= 8 ? C : 0]; }
+  static auto back(int64_t C) { return back_double[C <= 8 ? C : 0]; }
+  static constexpr auto sums = sums_double;
+};
+
+// m: [B, C, n] contiguous. Returns (o [B, n], e [B, n (n - 1) / 2]): e_bkj = exp(-sum_c |m_bck - m_bcj|) for the
+// pairs j > k in row order, and o_bi = sum_{j != i} e_b{ij}.
+std::vector<torch::Tensor> md_forward(torch::Tensor m) {
   const int64_t B = m.size(0), C = m.size(1), n = m.size(2), P = n * (n - 1) / 2;
-  auto d = torch::zeros({B, P}, m.options());
-  AT_DISPATCH_FLOATING_TYPES(m.scalar_type(), "md_distances", [&] {
+  auto e = torch::empty({B, P}, m.options());
+  auto o = torch::zeros({B, n}, m.options());
+  AT_DISPATCH_FLOATING_TYPES(m.scalar_type(), "md_forward", [&] {
     const scalar_t* x = m.data_ptr<scalar_t>();
-    scalar_t* dp = d.data_ptr<scalar_t>();
-    const scalar_t cut = sizeof(scalar_t) == 4 ? scalar_t(80) : scalar_t(700);
-    const scalar_t inf = std::numeric_limits<scalar_t>::infinity();
+    scalar_t* ep = e.data_ptr<scalar_t>();
+    const auto dist = Entries<scalar_t>::dist(C);
     at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) {
-        const scalar_t* xb = x + b * C * n;
-        scalar_t* db = dp + b * P;
-        for (int64_t k = 0; k + 1 < n; ++k) {
-          const int64_t r = n - k - 1;
-          for (int64_t c = 0; c < C; ++c) {
-            const scalar_t xk = xb[c * n + k];
-            const scalar_t* xc = xb + c * n + k + 1;
-            for (int64_t j = 0; j < r; ++j) db[j] += std::abs(xk - xc[j]);
-          }
-          // exp(-d) below the smallest normal number is set to exactly 0 (an error under 2e-35 for float):
-          // denormal results would make exp and every product with them 10-100x slower on x86
-          for (int64_t j = 0; j < r; ++j) db[j] = db[j] > cut ? inf : db[j];
-          db += r;
-        }
-      }
+      for (int64_t b = b0; b < b1; ++b) dist(x + b * C * n, ep + b * P, C, n);
+    });
+    e.exp_();  // ATen's vectorised exp over every pair
+    scalar_t* op = o.data_ptr<scalar_t>();
+    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) Entries<scalar_t>::sums(ep + b * P, op + b * n, n);
     });
   });
-  return d;
+  return {o, e};
 }
 
-// e: [B, n (n - 1) / 2] in the order of md_distances. Returns o: [B, n], o_bi = sum_{j != i} e_b{ij}.
-torch::Tensor md_pair_sums(torch::Tensor e, int64_t n) {
-  const int64_t B = e.size(0), P = n * (n - 1) / 2;
-  auto o = torch::zeros({B, n}, e.options());
-  AT_DISPATCH_FLOATING_TYPES(e.scalar_type(), "md_pair_sums", [&] {
-    const scalar_t* ep = e.data_ptr<scalar_t>();
-    scalar_t* out = o.data_ptr<scalar_t>();
-    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) {
-        const scalar_t* eb = ep + b * P;
-        scalar_t* ob = out + b * n;
-        for (int64_t k = 0; k + 1 < n; ++k) {
-          const int64_t r = n - k - 1;
-          scalar_t* oj = ob + k + 1;
-          scalar_t acc = 0;
-          for (int64_t j = 0; j < r; ++j) {
-            acc += eb[j];
-            oj[j] += eb[j];
-          }
-          ob[k] += acc;
-          eb += r;
-        }
-      }
-    });
-  });
-  return o;
-}
-
-// g = dL/do: [B, n]; e = exp(-d) from md_distances. Returns dL/dm: [B, C, n].
+// g = dL/do: [B, n]; e from md_forward. Returns dL/dm: [B, C, n].
 torch::Tensor md_backward(torch::Tensor m, torch::Tensor g, torch::Tensor e) {
   const int64_t B = m.size(0), C = m.size(1), n = m.size(2), P = n * (n - 1) / 2;
   auto grad = torch::zeros_like(m);
@@ -117,34 +220,10 @@ torch::Tensor md_backward(torch::Tensor m, torch::Tensor g, torch::Tensor e) {
     const scalar_t* gg = g.data_ptr<scalar_t>();
     const scalar_t* ep = e.data_ptr<scalar_t>();
     scalar_t* gr = grad.data_ptr<scalar_t>();
+    const auto back = Entries<scalar_t>::back(C);
     at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-      std::vector<scalar_t> v(n);
-      for (int64_t b = b0; b < b1; ++b) {
-        const scalar_t* xb = x + b * C * n;
-        const scalar_t* gb = gg + b * n;
-        const scalar_t* eb = ep + b * P;
-        scalar_t* grb = gr + b * C * n;
-        for (int64_t k = 0; k + 1 < n; ++k) {
-          const int64_t r = n - k - 1;
-          const scalar_t gk = gb[k];
-          const scalar_t* gj = gb + k + 1;
-          for (int64_t j = 0; j < r; ++j) v[j] = (gk + gj[j]) * eb[j];
-          eb += r;
-          for (int64_t c = 0; c < C; ++c) {
-            const scalar_t xk = xb[c * n + k];
-            const scalar_t* xc = xb + c * n + k + 1;
-            scalar_t* gc = grb + c * n + k + 1;
-            scalar_t acc = 0;
-            for (int64_t j = 0; j < r; ++j) {
-              const scalar_t s = (xk > xc[j]) - (xk < xc[j]);  // sign(m_k - m_j)
-              const scalar_t t = v[j] * s;
-              acc += t;
-              gc[j] += t;  // d/dm_j of -|m_k - m_j| is +sign(m_k - m_j)
-            }
-            grb[c * n + k] -= acc;
-          }
-        }
-      }
+      std::vector<scalar_t> v(n);  // the runtime-C path's per-row weights
+      for (int64_t b = b0; b < b1; ++b) back(x + b * C * n, gg + b * n, ep + b * P, gr + b * C * n, v.data(), C, n);
     });
   });
   return grad;
@@ -166,7 +245,7 @@ def _kernel() -> Any | None:
             _kernel_state["module"] = load_inline(
                 name="ganlab_minibatch_discrimination",
                 cpp_sources=[_CPP],
-                functions=["md_distances", "md_pair_sums", "md_backward"],
+                functions=["md_forward", "md_backward"],
                 extra_cflags=_CFLAGS,
                 verbose=False,
             )
@@ -179,10 +258,9 @@ def _kernel() -> Any | None:
 class _Similarity(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, m: Tensor) -> Tensor:  # m [B, C, n] -> o [B, n]
-        kernel = _kernel()
-        e = kernel.md_distances(m).neg_().exp_()  # [B, n(n-1)/2]: ATen's vectorised exp over every pair
+        o, e = _kernel().md_forward(m)  # e [B, n(n-1)/2]: each pair's exp(-d)
         ctx.save_for_backward(m, e)  # the backward needs each pair's exp(-d) and sign(m_k - m_j) only
-        return kernel.md_pair_sums(e, m.shape[2])
+        return o
 
     @staticmethod
     def backward(ctx: Any, g: Tensor) -> Tensor:
@@ -260,7 +338,8 @@ class MinibatchDiscrimination(nn.Module):
     def kernels(self, x: Tensor) -> Tensor:
         """``M`` as ``[B, C, n]`` (kernel-major, what :func:`similarity` takes)."""
         f = x.reshape(x.shape[0], -1)  # [n, A]
-        return torch.einsum("na,abc->bcn", f, self.T)
+        # (f T)^T as one matmul of transposed views: [B C, n] comes out contiguous, no permute or copy
+        return torch.mm(self.T.reshape(self.in_features, -1).t(), f.t()).view(self.n_kernels, self.kernel_dim, -1)
 
     def similarity(self, x: Tensor) -> Tensor:
         """``o(x)``: ``[n, B]`` closeness of each example to the rest of the batch (bias included)."""
