@@ -103,6 +103,7 @@ class Spy(Trick):
             "world_size": m.world_size,
             "g_step": m.g_step,
             "d_updates": m.d_updates,
+            "threads": torch.get_num_threads(),
             "final": {k: v for k, v in m.last_logged.items() if k != "eval/seconds"},
             "state": hashlib.sha1(b"".join(t.detach().cpu().numpy().tobytes() for t in state)).hexdigest(),
             "batches": self.batches,
@@ -220,6 +221,31 @@ def test_an_interrupted_ddp_run_resumes_to_the_uninterrupted_run(runs: dict[str,
     assert _rows(run / "metrics.csv") == _rows(tmp / "ddp" / "metrics.csv")
     final = _reports(spy)
     assert final[1]["state"] == final[0]["state"] == runs["ddp_spy"][0]["state"]
+
+
+def test_auto_threads_split_the_free_cores_among_the_ranks_and_the_record_says_what_they_used(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ganlab import threads
+
+    _ddp_env(monkeypatch)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # auto measures (the suite pins 2 elsewhere)
+    monkeypatch.setattr(threads, "others_load", lambda probe_s=0.0: 0.0)  # a quiet node, whatever runs beside
+    before = torch.get_num_threads()
+    try:
+        done = train(
+            compose_cfg(
+                [*COMMON, *DDP, "max_steps=2", "model.threads=auto", *_spy(tmp_path / "spy", tmp_path / "run")]
+            ),
+            tmp_path / "run",
+        )
+    finally:
+        torch.set_num_threads(before)
+    spies = _reports(tmp_path / "spy")
+    expected = max(1, threads.usable_cores() // 2)
+    assert done["status"] == "completed" and sorted(spies) == [0, 1]
+    assert spies[0]["threads"] == spies[1]["threads"] == expected  # each rank its share of the node
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["threads"] == expected  # the record agrees
 
 
 @pytest.mark.parametrize(

@@ -34,6 +34,33 @@ def test_auto_takes_the_cores_others_leave_free_and_at_least_one(monkeypatch, co
     assert threads.auto_threads() == expected
 
 
+@pytest.mark.parametrize(
+    ("cores", "load", "share", "expected"),
+    [(4, 0.0, 2, 2), (4, 1.0, 2, 1), (2, 0.0, 2, 1), (2, 1.9, 2, 1), (16, 0.0, 4, 4), (8, 0.0, 3, 2)],
+)
+def test_auto_splits_the_free_cores_among_the_ranks_a_run_starts_on_the_node(
+    monkeypatch, cores, load, share, expected
+) -> None:
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(threads, "usable_cores", lambda: cores)
+    monkeypatch.setattr(threads, "others_load", lambda probe_s=0.0: load)
+    assert threads.resolve("auto", share=share) == expected
+    assert threads.resolve(None, share=share) == max(1, cores // share)  # torch's default would take them all
+    assert threads.resolve(None) is None and threads.resolve(3, share=share) == 3  # a number is per process
+    monkeypatch.setenv("OMP_NUM_THREADS", "5")
+    assert threads.resolve("auto", share=share) == 5  # an explicit per-process count wins
+
+
+def test_a_run_splits_its_threads_only_among_ranks_it_starts_itself(monkeypatch) -> None:
+    from ganlab.pipeline import ranks_started_here
+
+    for var in ("SLURM_NTASKS", "SLURM_PROCID", "SLURM_JOB_ID", "TORCHELASTIC_RUN_ID", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    assert ranks_started_here(compose_cfg(TINY)) == 1
+    assert ranks_started_here(compose_cfg([*TINY, "trainer.devices=3"])) == 3
+    assert ranks_started_here(compose_cfg([*TINY, "trainer.devices=2", "trainer.num_nodes=2"])) == 2
+
+
 def test_others_load_subtracts_this_process_own_cpu_time(monkeypatch) -> None:
     # over the window the two cores were busy 150 of 200 jiffies; 50 of them (0.5 s at HZ=100) were this process
     samples = iter([(100, 1000), (250, 1200)])

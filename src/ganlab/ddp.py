@@ -50,8 +50,6 @@ from pytorch_lightning.plugins.environments import SLURMEnvironment, TorchElasti
 from pytorch_lightning.strategies import DDPStrategy
 from pytorch_lightning.strategies.launchers import _SubprocessScriptLauncher
 
-from ganlab.threads import usable_cores
-
 WORKER_ENV = "GANLAB_DDP_WORKER"  # JSON: the resolved config, the run folder and the checkpoint to resume from
 _WORKER_CMD = "from ganlab.ddp import worker_main; worker_main()"
 _SRC = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -137,10 +135,10 @@ class RankLauncher(_SubprocessScriptLauncher):
             # the folder this ganlab is imported from (a checkout run as ``python src/train.py`` needs no install)
             "PYTHONPATH": os.pathsep.join(p for p in (_SRC, os.environ.get("PYTHONPATH")) if p),
         }
-        if "OMP_NUM_THREADS" not in os.environ:  # N processes share the node's cores (as Lightning's launcher does)
-            threads = max(1, usable_cores() // self.num_processes)
-            env["OMP_NUM_THREADS"] = str(threads)
-            torch.set_num_threads(threads)
+        if "OMP_NUM_THREADS" not in os.environ:
+            # rank 0's count, already split among the node's ranks (ganlab.pipeline.ranks_started_here): every
+            # rank trains with the count the run records
+            env["OMP_NUM_THREADS"] = str(torch.get_num_threads())
         for local_rank in range(1, self.num_processes):
             cmd = [sys.executable, "-c", _WORKER_CMD]
             self.procs.append(subprocess.Popen(cmd, env={**env, "LOCAL_RANK": str(local_rank)}))

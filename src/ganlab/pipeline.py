@@ -174,6 +174,7 @@ def _build(cfg: DictConfig) -> GANModule:
         tricks=tricks,
         noise=cfg.model.noise,
         lr_decay=cfg.model.lr_decay,
+        lr_decay_from=cfg.model.get("lr_decay_from", 0.0),
         max_loss=cfg.get("max_loss", 1e6),
         _recursive_=False,
     )
@@ -298,6 +299,15 @@ def saved_threads(state: Mapping[str, Any] | None) -> int | None:
     return state["ganlab"].get("threads") if state is not None else None
 
 
+def ranks_started_here(cfg: DictConfig) -> int:
+    """Processes of this run that this process starts on its node (and so shares its cores with): the devices
+    per node of a multi-process run the project launches itself, else 1 (one process, or each started by SLURM
+    or torchrun with its own CPU allotment)."""
+    if world_size(cfg.trainer) > 1 and not cluster_launched():
+        return devices_per_node(cfg.trainer)
+    return 1
+
+
 def train_rank(cfg: DictConfig, run_dir: Path | str, ckpt: Path | str | None) -> dict[str, Any]:
     """Train as a rank > 0 of a DDP run: the same module, callbacks and Trainer as rank 0 (every callback acts in
     step with it), from the same checkpoint, writing nothing (no record, config, loggers or files: rank 0 writes the
@@ -375,8 +385,9 @@ def train(cfg: DictConfig, run_dir: Path, *, identity: Mapping[str, Any] | None 
             record.resume_from(ckpt, int(state["ganlab"]["g_step"]))
         record.save()
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
-        # auto: the cores free now (a resume reuses the saved count: results depend on it)
-        record.update(threads=threads.apply(cfg.model.get("threads"), saved_threads(state)))
+        # auto: the cores free now (a resume reuses the saved count: results depend on it), split among the
+        # ranks this process starts on the node; the DDP launcher hands every rank this same count
+        record.update(threads=threads.apply(cfg.model.get("threads"), saved_threads(state), ranks_started_here(cfg)))
         pl.seed_everything(cfg.seed, workers=False, verbose=False)
         module = build(cfg)
         current = fingerprint(cfg, module.batch_size)

@@ -84,33 +84,34 @@ def others_load(probe_s: float = PROBE_S) -> float | None:
     return max(0.0, busy / total * len(cpus))
 
 
-def auto_threads(probe_s: float = PROBE_S) -> int:
-    """The thread count ``auto`` picks now: ``OMP_NUM_THREADS`` when set, else the cores others leave free."""
+def auto_threads(probe_s: float = PROBE_S, share: int = 1) -> int:
+    """The thread count ``auto`` picks now: ``OMP_NUM_THREADS`` when set, else the cores others leave free,
+    divided among the ``share`` processes of one run that this one starts on the node (DDP), at least 1 each."""
     env = os.environ.get("OMP_NUM_THREADS", "").strip()
     if env.isdigit() and int(env) > 0:
         return int(env)
     cores = usable_cores()
     load = others_load(probe_s) if cores > 1 else None
-    if load is None:
-        return cores
-    return max(1, min(cores, math.floor(cores - load + 0.5)))
+    free = cores if load is None else max(1, min(cores, math.floor(cores - load + 0.5)))
+    return max(1, free // max(1, share))
 
 
-def resolve(setting: object, saved: int | None = None) -> int | None:
+def resolve(setting: object, saved: int | None = None, share: int = 1) -> int | None:
     """The count for ``model.threads``: a number as given, ``auto`` measured (or ``saved``, a resumed run's count),
-    None for torch's default."""
+    None for torch's default; ``share`` processes of one run on this node (DDP) split the cores, so there None is
+    the usable cores // share (as Lightning's launcher does) and ``auto`` the free ones // share."""
     if setting is None or setting == "":
-        return None
+        return None if share <= 1 else max(1, usable_cores() // share)
     if str(setting) == "auto":
-        return int(saved) if saved else auto_threads()
+        return int(saved) if saved else auto_threads(share=share)
     return int(setting)  # type: ignore[call-overload]
 
 
-def apply(setting: object, saved: int | None = None) -> int:
+def apply(setting: object, saved: int | None = None, share: int = 1) -> int:
     """Set torch's intra-op threads from ``model.threads`` (see :func:`resolve`); returns the count in use."""
     import torch  # here: the sweep launcher imports this module at Hydra's start, before any run needs torch
 
-    threads = resolve(setting, saved)
+    threads = resolve(setting, saved, share)
     if threads is not None:
         torch.set_num_threads(threads)
     return torch.get_num_threads()
