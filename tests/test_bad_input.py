@@ -47,6 +47,7 @@ CASES: list[tuple[list[str], str]] = [
     (["model.threads=0"], "model.threads"),
     (["model.noise=cauchy"], "model.noise"),
     (["model.lr_decay=cosine"], "model.lr_decay"),
+    (["model.lr_decay_from=1"], "model.lr_decay_from"),
     (["model.z_dim=0"], "z_dim"),
     (["model.generator.width=0"], "width"),
     (["model.discriminator.width=0"], "width"),

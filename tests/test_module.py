@@ -112,3 +112,28 @@ def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp
     ckpt = torch.load(tmp_path / "bad" / "checkpoints" / "last.ckpt", weights_only=False)
     assert ckpt["ganlab"]["g_step"] == 3  # the last good state, not the step that produced NaN
     assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
+
+
+DECAY_FROM_0 = [1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1]
+DECAY_FROM_HALF = [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.8, 0.6, 0.4, 0.2]
+
+
+@pytest.mark.parametrize(("start", "expected"), [(0.0, DECAY_FROM_0), (0.5, DECAY_FROM_HALF)])
+def test_linear_lr_decay_is_constant_until_its_start_then_falls_to_zero(start: float, expected: list[float]) -> None:
+    """``model.lr_decay=linear``: the lr of G update t (0-based) is ``lr * factor(t)``, factor 1 until
+    ``lr_decay_from * max_steps`` and ``(T - t) / (T - start)`` after; D's follows the same factor."""
+    cfg = compose_cfg([*TINY, "max_steps=10", "model.lr_decay=linear", f"model.lr_decay_from={start}"])
+    module = build(cfg)
+    seen: dict[str, list[float]] = {"G": [], "D": []}
+
+    class LrSpy(pl.Callback):
+        def on_train_start(self, trainer: pl.Trainer, pl_module) -> None:
+            for name, opt in zip(("G", "D"), trainer.optimizers, strict=True):
+                opt.register_step_pre_hook(lambda o, a, k, name=name: seen[name].append(o.param_groups[0]["lr"]))
+
+    fit_in_process(module, 10, [LrSpy()])
+    lr_g, lr_d = float(cfg.model.optim_g.lr), float(cfg.model.optim_d.lr)
+    assert seen["G"] == pytest.approx([lr_g * f for f in expected])
+    d_steps = module.schedule.count("D")
+    assert seen["D"] == pytest.approx([lr_d * f for f in expected for _ in range(d_steps)])
+    assert module.lr_factor() == 0.0  # after the last update

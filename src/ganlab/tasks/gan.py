@@ -62,6 +62,8 @@ class GANModule(pl.LightningModule):
         noise: the prior of z, ``normal`` or ``uniform`` (on [-1, 1]).
         lr_decay: ``none`` or ``linear``: both learning rates fall linearly to 0 at ``max_steps`` (a function of
             ``g_step``, so a resumed run continues the same schedule).
+        lr_decay_from: the fraction of ``max_steps`` the linear decay starts at (constant before; 0: from the
+            first step).
         max_loss: a loss whose magnitude exceeds this counts as divergence, like a NaN (an exploded run would
             otherwise "complete" with a loss of 1e35).
     """
@@ -84,6 +86,7 @@ class GANModule(pl.LightningModule):
         tricks: Sequence[Trick] = (),
         noise: str = "normal",
         lr_decay: str = "none",
+        lr_decay_from: float = 0.0,
         max_loss: float = 1e6,
     ) -> None:
         super().__init__()
@@ -105,7 +108,9 @@ class GANModule(pl.LightningModule):
         self.register_buffer("real_pool", data.train_x, persistent=False)
         if lr_decay not in ("none", "linear"):
             raise ValueError(f"model.lr_decay must be none or linear (got {lr_decay!r})")
-        self.lr_decay = lr_decay
+        if not 0.0 <= float(lr_decay_from) < 1.0:
+            raise ValueError(f"model.lr_decay_from must be in [0, 1) (got {lr_decay_from!r})")
+        self.lr_decay, self.lr_decay_from = lr_decay, float(lr_decay_from)
         fixed = self.prior.sample((n_fixed or data.n_preview, self.z_dim), torch.Generator().manual_seed(self.seed))
         self.register_buffer("fixed_z", fixed)
         self.real_target = 1.0
@@ -272,10 +277,18 @@ class GANModule(pl.LightningModule):
                 logs.update(self._g_update(opt_g, idx[update.slot], z[update.slot], log_now))
         self.g_step += 1
         if self.lr_decay == "linear":
-            self._set_lr(1.0 - self.g_step / self.max_steps)
+            self._set_lr(self.lr_factor())
         if log_now:
             logs["lr/g"] = torch.tensor(opt_g.param_groups[0]["lr"])
             self._log(logs)
+
+    def lr_factor(self) -> float:
+        """The learning rates' multiplier after ``g_step`` updates: 1 until ``lr_decay_from * max_steps``, then
+        linear to 0 at ``max_steps`` (``lr_decay=linear``)."""
+        start = self.lr_decay_from * self.max_steps
+        if self.g_step <= start:
+            return 1.0
+        return max(0.0, (self.max_steps - self.g_step) / (self.max_steps - start))
 
     def _set_lr(self, factor: float) -> None:
         for opt, cfg in zip(self.optimizers(), (self.optim_g, self.optim_d), strict=True):
@@ -399,7 +412,7 @@ class GANModule(pl.LightningModule):
 
     def on_train_start(self) -> None:
         if self.lr_decay == "linear":  # also after a resume: the optimizer state holds the saved lr anyway
-            self._set_lr(1.0 - self.g_step / self.max_steps)
+            self._set_lr(self.lr_factor())
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint["ganlab"]
