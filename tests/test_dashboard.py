@@ -38,6 +38,9 @@ def test_the_wandb_record_groups_by_arm_dataset_and_seed_and_steps_are_generator
     assert config["seed"]["value"] == 3 and config["loss"]["value"] == "minimax" and config["data"]["value"] == "ring8"
     assert config["config"]["value"]["loss"]["_target_"] == "ganlab.losses.Minimax"  # nested settings survive
     assert config["params/g"]["value"] == summary["params/g"] > 0 and config["params/d"]["value"] > 0
+    # batch_size and d_steps as the run resolved them (the config may leave them null to the data set)
+    assert config["config"]["value"]["batch_size"] == summary["batch_size"] == 16
+    assert config["config"]["value"]["d_steps"] == summary["d_steps"] == 1
     assert run.display_name == "ring8/minimax/s3"
     steps = [r.history.step.num for r in records if r.WhichOneof("record_type") == "history"]
     assert steps == [5, 10, 15, 20]  # W&B's step is the generator step: training scalars, samples, evaluation

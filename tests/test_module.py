@@ -137,3 +137,10 @@ def test_linear_lr_decay_is_constant_until_its_start_then_falls_to_zero(start: f
     d_steps = module.schedule.count("D")
     assert seen["D"] == pytest.approx([lr_d * f for f in expected for _ in range(d_steps)])
     assert module.lr_factor() == 0.0  # after the last update
+
+
+def test_d_steps_null_takes_the_data_sets_k_and_a_number_overrides_it() -> None:
+    assert compose_cfg(["data=gauss1d"]).d_steps is None  # the config leaves k to the data set
+    assert build(compose_cfg(["data=gauss1d"])).schedule.count("D") == 3  # the 1-D demo: D near its optimum
+    assert build(compose_cfg(["data=gauss1d", "d_steps=1"])).schedule.count("D") == 1
+    assert build(compose_cfg(TINY)).schedule.count("D") == 1

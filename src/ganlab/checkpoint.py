@@ -27,8 +27,9 @@ _FREE_MODEL_KEYS = frozenset({"optim_g", "optim_d", "threads", "lr_decay", "lr_d
 _FREE_DATA_KEYS = frozenset({"root", "download", "frames"})
 
 
-def fingerprint(cfg: DictConfig, batch_size: int) -> dict[str, Any]:
-    """The settings a resumed run must share with its checkpoint, flattened to dotted keys."""
+def fingerprint(cfg: DictConfig, batch_size: int, d_steps: int) -> dict[str, Any]:
+    """The settings a resumed run must share with its checkpoint, flattened to dotted keys (``batch_size`` and
+    ``d_steps`` as the run resolved them: the config may leave them to the data set)."""
     node = OmegaConf.to_container(cfg, resolve=True)
     parts = {
         "data": {k: v for k, v in (node.get("data") or {}).items() if k not in _FREE_DATA_KEYS},
@@ -37,7 +38,7 @@ def fingerprint(cfg: DictConfig, batch_size: int) -> dict[str, Any]:
         "tricks": node.get("tricks") or {},
         "task": node.get("task"),
         "batch_size": int(batch_size),
-        "d_steps": int(node["d_steps"]),
+        "d_steps": int(d_steps),
     }
     return _flatten(parts)
 

@@ -58,10 +58,11 @@ def validate(cfg: DictConfig) -> None:
     """Reject settings that would fail late or train nonsense, with a one-line reason naming the key (nothing
     is written before this passes)."""
     _positive_int("seed", cfg.seed, zero=True)
-    for key in ("d_steps", "max_steps", "log_every", "sample_every", "ckpt_every"):
+    for key in ("max_steps", "log_every", "sample_every", "ckpt_every"):
         _positive_int(key, cfg[key])
-    if cfg.batch_size is not None:
-        _positive_int("batch_size", cfg.batch_size)
+    for key in ("batch_size", "d_steps"):  # null: the data set's default
+        if cfg[key] is not None:
+            _positive_int(key, cfg[key])
     max_loss = _number("max_loss", cfg.get("max_loss", 1e6))
     if not max_loss > 0:
         raise UserError(f"max_loss must be > 0 (got {max_loss})")
@@ -164,7 +165,7 @@ def _build(cfg: DictConfig) -> GANModule:
         discriminator,
         objective,
         data,
-        d_steps=cfg.d_steps,
+        d_steps=cfg.d_steps or data.d_steps,
         batch_size=cfg.batch_size or data.batch_size,
         max_steps=cfg.max_steps,
         optim_g=OmegaConf.to_container(cfg.model.optim_g),
@@ -321,7 +322,7 @@ def train_rank(cfg: DictConfig, run_dir: Path | str, ckpt: Path | str | None) ->
     threads.apply(cfg.model.get("threads"), saved_threads(state))
     pl.seed_everything(cfg.seed, workers=False, verbose=False)
     module = build(cfg)
-    cbs = callbacks(cfg, run_dir, fingerprint(cfg, module.batch_size))
+    cbs = callbacks(cfg, run_dir, fingerprint(cfg, module.batch_size, module.schedule.count("D")))
     preemption = next(cb for cb in cbs if isinstance(cb, Preemption))
     preemption.install()
     try:
@@ -390,14 +391,18 @@ def train(cfg: DictConfig, run_dir: Path, *, identity: Mapping[str, Any] | None 
         record.update(threads=threads.apply(cfg.model.get("threads"), saved_threads(state), ranks_started_here(cfg)))
         pl.seed_everything(cfg.seed, workers=False, verbose=False)
         module = build(cfg)
-        current = fingerprint(cfg, module.batch_size)
+        current = fingerprint(cfg, module.batch_size, module.schedule.count("D"))
         if state is not None:
             check_compatible(state, current, ckpt)
         record.update(data=describe(module.data))  # how the data set is judged and previewed (the report reads it)
         n_params = {f"params/{name.lower()}": sum(p.numel() for p in net.parameters()) for name, net in
                     (("G", module.G), ("D", module.D))}  # fmt: skip
-        record.update(**n_params)
-        run_config = dashboard_config(OmegaConf.to_container(cfg, resolve=True), dict(identity or {}), **n_params)
+        # batch_size and d_steps as the run resolved them (null in the config: the data set's default)
+        resolved = {"batch_size": module.batch_size, "d_steps": module.schedule.count("D")}
+        record.update(**n_params, **resolved)
+        run_config = dashboard_config(
+            {**OmegaConf.to_container(cfg, resolve=True), **resolved}, dict(identity or {}), **n_params
+        )
         said = Logging()
         history = None
         if ckpt is not None and ckpt.parent.parent.resolve() != run_dir.resolve():

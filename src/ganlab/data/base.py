@@ -96,6 +96,7 @@ class InMemoryData(pl.LightningDataModule):
     num_classes: int | None = None
     n_preview: int = 64  # fixed-noise samples in each sample grid
     batch_size: int = 64  # m when the config leaves batch_size null
+    d_steps: int = 1  # k when the config leaves d_steps null
     evaluation: EvalSpec = EvalSpec()  # no metrics, image-grid previews: each data set declares its own
 
     def __init__(self) -> None:
