@@ -435,11 +435,14 @@ def _child_rate(steps: int) -> None:
 
 def shared_rates(steps: int, rounds: int) -> list[tuple[str, float, float, str]]:
     """Per thread setting: (name, alone steps/s, beside one CPU-bound process steps/s, threads used alone/beside),
-    medians of ``rounds``. Each child starts after the busy process, as a run would start on a busy machine."""
-    out = []
-    for name, env in SHARED_VARIANTS.items():
-        alone, beside, used = [], [], {False: set(), True: set()}
-        for _ in range(rounds):
+    medians of ``rounds``. Each child starts after the busy process, as a run would start on a busy machine. The
+    settings take turns within each round (not one setting's rounds after another's), so a drift of the machine's
+    speed over the minutes of the table hits every setting alike."""
+    alone: dict[str, list[float]] = {name: [] for name in SHARED_VARIANTS}
+    beside: dict[str, list[float]] = {name: [] for name in SHARED_VARIANTS}
+    used: dict[str, dict[bool, set[str]]] = {name: {False: set(), True: set()} for name in SHARED_VARIANTS}
+    for _ in range(rounds):
+        for name, env in SHARED_VARIANTS.items():
             for busy in (False, True):
                 hog = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if busy else None
                 try:
@@ -455,11 +458,17 @@ def shared_rates(steps: int, rounds: int) -> list[tuple[str, float, float, str]]
                         hog.kill()
                         hog.wait()
                 _, rate, n = next(ln for ln in res.stdout.splitlines() if ln.startswith("RATE")).split()
-                (beside if busy else alone).append(float(rate))
-                used[busy].add(n)
-        threads_used = "/".join(",".join(sorted(used[b])) for b in (False, True))
-        out.append((name, statistics.median(alone), statistics.median(beside), threads_used))
-    return out
+                (beside if busy else alone)[name].append(float(rate))
+                used[name][busy].add(n)
+    return [
+        (
+            name,
+            statistics.median(alone[name]),
+            statistics.median(beside[name]),
+            "/".join(",".join(sorted(used[name][b])) for b in (False, True)),
+        )
+        for name in SHARED_VARIANTS
+    ]
 
 
 # -- the table ----------------------------------------------------------------------------------------------------
