@@ -128,8 +128,11 @@ def test_minibatch_discrimination_equals_an_explicit_double_loop() -> None:
     torch.testing.assert_close(out[:, a:], _double_loop(m) + layer.bias.detach(), rtol=1e-5, atol=1e-6)
     # the whole layer's gradient (through T's weight norm and the matmul) in float64, by finite differences
     layer64 = MinibatchDiscrimination(a, n_kernels=b, kernel_dim=c, init_std=0.3).double().eval()
+    with torch.no_grad():
+        layer64.log_scale.copy_(0.3 * torch.randn(b, c, dtype=torch.float64))  # away from the all-zero start
     x64 = torch.randn(n, a, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x_, th: layer64.similarity(x_), (x64, layer64.theta))
+    params = (layer64.theta, layer64.log_scale, layer64.bias)
+    assert torch.autograd.gradcheck(lambda x_, *_: layer64.similarity(x_), (x64, *params))
     # a conv map is flattened once and o(x) concatenated once: [n, c*h*w + B], not B channels per position
     xc = torch.randn(n, 2, 3, 3)
     conv_layer = MinibatchDiscrimination(18, n_kernels=b, kernel_dim=c).eval()
