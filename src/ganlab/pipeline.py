@@ -300,6 +300,12 @@ def saved_threads(state: Mapping[str, Any] | None) -> int | None:
     return state["ganlab"].get("threads") if state is not None else None
 
 
+def resolved_sizes(module: GANModule) -> dict[str, int]:
+    """``batch_size`` and ``d_steps`` as the run resolved them (null in the config: the data set's default): what
+    the checkpoint fingerprint, ``summary.json`` and the W&B config hold."""
+    return {"batch_size": module.batch_size, "d_steps": module.schedule.count("D")}
+
+
 def ranks_started_here(cfg: DictConfig) -> int:
     """Processes of this run that this process starts on its node (and so shares its cores with): the devices
     per node of a multi-process run the project launches itself, else 1 (one process, or each started by SLURM
@@ -322,7 +328,7 @@ def train_rank(cfg: DictConfig, run_dir: Path | str, ckpt: Path | str | None) ->
     threads.apply(cfg.model.get("threads"), saved_threads(state))
     pl.seed_everything(cfg.seed, workers=False, verbose=False)
     module = build(cfg)
-    cbs = callbacks(cfg, run_dir, fingerprint(cfg, module.batch_size, module.schedule.count("D")))
+    cbs = callbacks(cfg, run_dir, fingerprint(cfg, **resolved_sizes(module)))
     preemption = next(cb for cb in cbs if isinstance(cb, Preemption))
     preemption.install()
     try:
@@ -391,14 +397,13 @@ def train(cfg: DictConfig, run_dir: Path, *, identity: Mapping[str, Any] | None 
         record.update(threads=threads.apply(cfg.model.get("threads"), saved_threads(state), ranks_started_here(cfg)))
         pl.seed_everything(cfg.seed, workers=False, verbose=False)
         module = build(cfg)
-        current = fingerprint(cfg, module.batch_size, module.schedule.count("D"))
+        resolved = resolved_sizes(module)
+        current = fingerprint(cfg, **resolved)
         if state is not None:
             check_compatible(state, current, ckpt)
         record.update(data=describe(module.data))  # how the data set is judged and previewed (the report reads it)
         n_params = {f"params/{name.lower()}": sum(p.numel() for p in net.parameters()) for name, net in
                     (("G", module.G), ("D", module.D))}  # fmt: skip
-        # batch_size and d_steps as the run resolved them (null in the config: the data set's default)
-        resolved = {"batch_size": module.batch_size, "d_steps": module.schedule.count("D")}
         record.update(**n_params, **resolved)
         run_config = dashboard_config(
             {**OmegaConf.to_container(cfg, resolve=True), **resolved}, dict(identity or {}), **n_params
