@@ -105,6 +105,10 @@ class Grid(GaussianMixture2D):
     ``grid25`` preset names itself).
     """
 
+    # measured on grid25 (ns_then_minimax, 10k G steps, seeds 0-4): 95.9 % high-quality samples on average at 512
+    # against 93.8 % at 256, whose slowest seeds were still climbing at the last step (85.2 % on seed 3)
+    batch_size = 512
+
     def __init__(
         self,
         side: int = 5,
