@@ -65,6 +65,12 @@ def test_the_table_prints(capsys: pytest.CaptureFixture[str]) -> None:
     assert "Intel" in out or "AMD" in out or "cores" in out  # the machine line
 
 
+def test_an_unknown_setting_is_refused_in_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        bench.main(["--settings", "ring8,ring9"])
+    assert info.value.code == 2 and "unknown setting(s) ring9" in capsys.readouterr().err
+
+
 def test_evaluation_share_counts_every_due_step() -> None:
     assert bench._evals_in_run(2000, 1000) == 2
     assert bench._evals_in_run(2000, 300) == 7  # 300, ..., 1800 and the last step

@@ -267,6 +267,9 @@ def test_a_resumed_offline_wandb_run_keeps_its_id_and_its_steps(
     first = train(compose_cfg([*common, "max_steps=4"]), run)
     second = train(compose_cfg([*common, "max_steps=8", "resume=auto"]), run)
     assert second["wandb_id"] == first["wandb_id"]
+    import wandb
+
+    wandb.teardown()  # as at process exit: the W&B service has written everything it was given before we read
     files = sorted((run / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(files) == 2 and all(first["wandb_id"] in f.name for f in files)
     steps = []

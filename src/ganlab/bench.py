@@ -486,7 +486,18 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores{gpu}, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _settings(text: str) -> str:
+    """``--settings``: a comma list of setting keys (the first word of a :data:`SETTINGS` name) or ``none``."""
+    known = {name.split()[0] for name in SETTINGS}
+    unknown = [k for k in text.split(",") if k and k != "none" and k not in known]
+    if unknown:
+        known_list = ", ".join(sorted(known))
+        raise argparse.ArgumentTypeError(f"unknown setting(s) {', '.join(unknown)}; known: {known_list}, none")
+    return text
+
+
+def parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m ganlab.bench``."""
     parser = argparse.ArgumentParser(prog="python -m ganlab.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a short version (< 60 s): fewer steps and rounds")
     parser.add_argument("--rounds", type=int, default=None, help="pipeline/plain rounds per setting (default 3)")
@@ -495,10 +506,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--shared-steps", type=int, default=None, help="steps per --shared child (100/400)")
     parser.add_argument("--no-eval", action="store_true", help="skip the evaluation rows")
     parser.add_argument(
-        "--settings", default="ring8,digits,32x32", help="pipeline/plain settings to run: ring8,digits,32x32 or none"
-    )
+        "--settings", type=_settings, default="ring8,digits,32x32",
+        help="pipeline/plain settings to run: ring8,digits,32x32 or none",
+    )  # fmt: skip
     parser.add_argument("--child-rate", type=int, default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     if args.child_rate is not None:
         _child_rate(args.child_rate)
         return 0
