@@ -85,6 +85,8 @@ def run_config(run_dir: Path, overrides: Sequence[str] = ()) -> DictConfig:
 
 def load_run(target: str | Path, overrides: Sequence[str] = ()) -> LoadedRun:
     """Rebuild a run's module from its folder and load the checkpoint's weights (and trick states) into it."""
+    run_dir, ckpt_path = locate(target)  # bad input first: one line in a second, before torch and Lightning load
+    cfg = run_config(run_dir, overrides)
     import pytorch_lightning as pl
     import torch
 
@@ -93,8 +95,6 @@ def load_run(target: str | Path, overrides: Sequence[str] = ()) -> LoadedRun:
     from ganlab.pipeline import build
     from ganlab.record import read_json
 
-    run_dir, ckpt_path = locate(target)
-    cfg = run_config(run_dir, overrides)
     threads.apply(cfg.model.get("threads"))
     try:
         ckpt = load(ckpt_path)
@@ -143,12 +143,12 @@ def evaluate(target: str | Path, overrides: Sequence[str] = (), *, log: bool = T
     """Evaluate a checkpoint; write ``evals/<protocol>.json`` and its ``evals/index.json`` entry; return the entry.
 
     ``log``: also send the metrics to the run's W&B run (when it has one)."""
+    t0 = time.perf_counter()
+    run = load_run(target, overrides)
     from ganlab.pipeline import metrics_callback
     from ganlab.record import read_json, write_json
     from ganlab.tracking import finish_wandb
 
-    t0 = time.perf_counter()
-    run = load_run(target, overrides)
     callback = metrics_callback(run.cfg)
     callback.on_fit_start(None, run.module)  # builds the evaluator for the module's data set and device
     metrics = callback.evaluate(SimpleNamespace(loggers=[]), run.module)

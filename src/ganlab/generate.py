@@ -65,12 +65,13 @@ def generate(
     target: str | Path, *, n: int = 64, seed: int = 0, steps: int = 9, out: str | None = None
 ) -> dict[str, Any]:
     """Write ``n`` samples, a grid and an interpolation strip of ``steps`` points; return what was written."""
-    from ganlab.callbacks import save_preview
     from ganlab.evaluate import load_run
 
     if n < 1 or steps < 2:
         raise UserError(f"n must be >= 1 and steps >= 2 (got n={n}, steps={steps})")
     run = load_run(target)
+    from ganlab.callbacks import save_preview
+
     module = run.module
     folder = _out_dir(run.run_dir, out, n, seed)
     folder.mkdir(parents=True, exist_ok=True)
