@@ -176,13 +176,13 @@ def test_evaluator_on_ring8_and_on_points_without_modes():
 def test_stacked_mode_stats_real_triples_and_collapse(digits):
     _, _, test_x, test_y = digits
     g = torch.Generator().manual_seed(0)
-    idx = torch.randint(len(test_x), (20_000, 3), generator=g)
-    images = test_x[idx.flatten(), 0].reshape(20_000, 3, 8, 8)
+    idx = torch.randint(len(test_x), (10_000, 3), generator=g)
+    images = test_x[idx.flatten(), 0].reshape(10_000, 3, 8, 8)
     triples = classify_channels(images, load_digits_classifier())
     assert (triples == test_y[idx]).float().mean() > 0.97
     out = stacked_mode_stats(triples)
-    assert set(out) == {"stacked_modes20k", "stacked_kl20k"}
-    assert out["stacked_modes20k"] >= 990 and out["stacked_kl20k"] < 0.1
+    assert set(out) == {"stacked_modes10k", "stacked_kl10k"}
+    assert out["stacked_modes10k"] >= 990 and out["stacked_kl10k"] < 0.1  # KL of 10 draws per mode: ~0.05
     collapsed = stacked_mode_stats(triples[:1].repeat(500, 1))
     assert collapsed == {"stacked_modes500": 1.0, "stacked_kl500": pytest.approx(math.log(1000))}
     # Mode indices work too and agree with triples.
