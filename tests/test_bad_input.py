@@ -185,7 +185,9 @@ def test_a_budget_below_the_checkpoint_is_refused(tmp_path: Path, finished_run: 
 # -- what the user sees on the real command line ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("override", ["seed=abc", "d_stepz=3", "trainer.devices=0"])
+# one refusal before anything loads (a misspelt key) and one from the run itself (every other case of the table
+# above takes that same path in-process)
+@pytest.mark.parametrize("override", ["d_stepz=3", "trainer.devices=0"])
 def test_the_command_line_prints_exactly_one_line(override: str, tmp_path: Path) -> None:
     proc = run_cli(["data=ring8", "logger=csv", override], tmp_path)
     assert proc.returncode == 2
