@@ -63,8 +63,12 @@ _EQUILIBRIUM = re.compile(r"^(eval/)?(D\(x(_test)?\)|D\(G\(z\)\)|d_accuracy)$")
 # not metrics at all: learning rates (a schedule), timings and step counters
 _NOT_A_METRIC = re.compile(r"^(lr/|step/|epoch$|eval/seconds$|.*_time_s$)")
 # override keys that never distinguish arms: the seed is what a row averages over, data makes the table, loss is
-# the arm itself, resume and the sweep recipe only say how the run was launched
-_NOT_AN_ARM = re.compile(r"^(seed|data|loss|resume|sweep|hydra\b.*)$")
+# the arm itself, resume and the sweep recipe only say how the run was launched, and the logger and the log, sample
+# and checkpoint cadences only how often it recorded (none of them changes what it trained)
+_NOT_AN_ARM = re.compile(r"^(seed|data|loss|resume|sweep|hydra\b.*|logger(\..*)?|log_every|sample_every|ckpt_every)$")
+# keys a run resolves itself when the config leaves them null (the data set's default) and records in summary.json:
+# the arm is what the run trained with, so batch_size=512 on the command line and null resolved to 512 are one arm
+_RESOLVED = ("batch_size", "d_steps")
 # training scalars (logged every log_every steps); anything else in ``final`` is an evaluation metric
 _TRAINING_SCALAR = re.compile(r"^(loss/|grad_norm/|D\(|lr/)")
 # metrics.csv columns that are counters, not metrics
@@ -143,6 +147,9 @@ def load_run(summary_path: Path) -> Run:
         return run
     choices = summary.get("choices") or {}
     overrides = dict(_split_override(o) for o in summary.get("overrides") or [])
+    for key in _RESOLVED:  # older records lack the resolved value: their overrides stand as they are
+        if isinstance(summary.get(key), int) and not isinstance(summary.get(key), bool):
+            overrides[key] = str(summary[key])
     return Run(
         path=folder,
         data=str(choices.get("data") or overrides.get("data") or "?"),
