@@ -29,21 +29,35 @@ def _run(folder: Path, loss: str, seed: int, job: int | None, status: str = "com
 
 def test_an_arm_is_what_its_runs_trained_with_not_how_often_they_recorded(tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
-    # seed 0: batch_size left null (resolved to 512); seed 1: batch_size=512 and other record cadences on the
-    # command line; seed 2: resolved to 256 (another arm); an old record without resolved sizes keeps its overrides
-    for seed, (batch, extra) in enumerate([(512, []), (512, ["batch_size=512", "log_every=500", "sample_every=9",
-                                                              "ckpt_every=9", "logger=csv"]), (256, [])]):  # fmt: skip
+    cadence = ["log_every=500", "sample_every=9", "ckpt_every=9", "logger=csv"]
+    # seed, config.yaml (None: an old run without one), resolved batch size, command-line overrides
+    runs = [
+        (0, {"batch_size": None, "max_steps": 10000, "log_every": 50}, 512, []),  # null resolved to 512, recipe body
+        (
+            1,
+            {"batch_size": 512, "max_steps": 10000, "log_every": 500},
+            512,
+            ["batch_size=512", "max_steps=10000", *cadence],
+        ),
+        (2, {"batch_size": None, "max_steps": 10000, "log_every": 50}, 256, []),  # trained at 256: another arm
+        (3, {"batch_size": None, "max_steps": 5000, "log_every": 50}, 512, ["max_steps=5000"]),  # another budget
+        (4, None, None, []),  # an old record: nothing known beyond its overrides
+    ]
+    for seed, config, batch, extra in runs:
         _run(sweep / f"{seed}", "minimax", seed, seed, modes2500=8.0)
         path = sweep / f"{seed}" / "summary.json"
         summary = json.loads(path.read_text())
-        summary.update(batch_size=batch, d_steps=1, overrides=summary["overrides"] + extra)
+        summary["overrides"] += extra
+        if config is not None:
+            summary.update(batch_size=batch, d_steps=1)
+            OmegaConf.save(OmegaConf.create({**config, "d_steps": None}), sweep / f"{seed}" / "config.yaml")
         path.write_text(json.dumps(summary))
-    _run(sweep / "3", "minimax", 3, 3, modes2500=8.0)  # no resolved sizes recorded
     arms = rep.group_runs(rep.find_runs(sweep))["ring8"]
     assert {arm: [r.seed for r in runs] for arm, runs in arms.items()} == {
-        "minimax batch_size=512 d_steps=1": [0, 1],
-        "minimax batch_size=256 d_steps=1": [2],
-        "minimax": [3],  # unknown sizes: not merged with either (d_steps shows because this record lacks it)
+        "minimax batch_size=512 max_steps=10000": [0, 1],
+        "minimax batch_size=256 max_steps=10000": [2],
+        "minimax batch_size=512 max_steps=5000": [3],
+        "minimax": [4],
     }
 
 

@@ -66,8 +66,7 @@ _NOT_A_METRIC = re.compile(r"^(lr/|step/|epoch$|eval/seconds$|.*_time_s$)")
 # the arm itself, resume and the sweep recipe only say how the run was launched, and the logger and the log, sample
 # and checkpoint cadences only how often it recorded (none of them changes what it trained)
 _NOT_AN_ARM = re.compile(r"^(seed|data|loss|resume|sweep|hydra\b.*|logger(\..*)?|log_every|sample_every|ckpt_every)$")
-# keys a run resolves itself when the config leaves them null (the data set's default) and records in summary.json:
-# the arm is what the run trained with, so batch_size=512 on the command line and null resolved to 512 are one arm
+# keys a run resolves itself when the config leaves them null (the data set's default) and records in summary.json
 _RESOLVED = ("batch_size", "d_steps")
 # training scalars (logged every log_every steps); anything else in ``final`` is an evaluation metric
 _TRAINING_SCALAR = re.compile(r"^(loss/|grad_norm/|D\(|lr/)")
@@ -95,6 +94,7 @@ class Run:
     metrics: dict[str, float] = field(default_factory=dict)
     preview: str | None = None  # the data set's preview kind from summary.json (None: not recorded)
     variant: tuple[str, ...] = ()  # overrides besides loss that set this run's arm apart (filled by group_runs)
+    trained: dict[str, str] = field(default_factory=dict)  # dotted key -> the value it trained with (trained_with)
     job_num: int | None = None  # the job's number in its Hydra sweep (None: not a Hydra sweep job)
 
     @property
@@ -147,9 +147,6 @@ def load_run(summary_path: Path) -> Run:
         return run
     choices = summary.get("choices") or {}
     overrides = dict(_split_override(o) for o in summary.get("overrides") or [])
-    for key in _RESOLVED:  # older records lack the resolved value: their overrides stand as they are
-        if isinstance(summary.get(key), int) and not isinstance(summary.get(key), bool):
-            overrides[key] = str(summary[key])
     return Run(
         path=folder,
         data=str(choices.get("data") or overrides.get("data") or "?"),
@@ -161,7 +158,45 @@ def load_run(summary_path: Path) -> Run:
         metrics={**eval_metrics(folder), **_final_metrics(summary)},  # the training's values win a shared name
         preview=_recorded_preview(summary),
         job_num=summary.get("job_num"),
+        trained=trained_with(folder, summary),
     )
+
+
+def _value_text(value: Any) -> str:
+    if value is None or isinstance(value, bool):
+        return json.dumps(value)
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, sort_keys=True)
+    return str(value)
+
+
+def trained_with(run_dir: Path, summary: Mapping[str, Any]) -> dict[str, str]:
+    """Every node of the run's resolved ``config.yaml`` by dotted key (``model.optim_g.lr``, ``model``, ...) as
+    text, with ``batch_size`` and ``d_steps`` at the values the run resolved (``summary.json``); {} without one.
+
+    An arm is what its runs trained with: ``max_steps=10000`` on the command line and in a recipe's body, or
+    ``batch_size=512`` and ``null`` resolved to 512, are the same setting."""
+    import yaml
+
+    try:
+        config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return {}
+    out: dict[str, str] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if prefix:
+            out[prefix] = _value_text(node)
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(value, f"{prefix}.{key}" if prefix else str(key))
+
+    walk(config if isinstance(config, dict) else {}, "")
+    for key in _RESOLVED:  # older records lack the resolved value: the config's stands
+        value = summary.get(key)
+        if isinstance(value, int) and not isinstance(value, bool):
+            out[key] = str(value)
+    return out
 
 
 def eval_metrics(run_dir: Path) -> dict[str, float]:
@@ -249,10 +284,18 @@ def group_runs(runs: Sequence[Run]) -> dict[str, dict[str, list[Run]]]:
     grouped: dict[str, dict[str, list[Run]]] = {}
     for data, members in sorted(by_data.items()):
         keys = {k for r in members for k in r.overrides if not _NOT_AN_ARM.match(k)}
-        # an override is part of the arm only if it takes more than one value (or is missing somewhere) here
-        varying = sorted(k for k in keys if len({r.overrides.get(k) for r in members}) > 1)
+
+        def value(run: Run, key: str) -> str | None:  # what the run trained with, else what it was told
+            return run.trained[key] if key in run.trained else run.overrides.get(key)
+
+        # an override is part of the arm only if the runs trained with more than one value of it (or one is unknown)
+        varying = sorted(k for k in keys if len({value(r, k) for r in members}) > 1)
         for run in members:
-            run.variant = tuple(f"{k}={run.overrides[k]}" for k in varying if k in run.overrides)
+            run.variant = tuple(
+                f"{k}={run.overrides[k] if k in run.overrides else value(run, k)}"
+                for k in varying
+                if value(run, k) is not None
+            )
         arms: dict[str, list[Run]] = {}
         # arms in the order the sweep ran them: by their first job number, else by their first folder
         for _, run in sorted(enumerate(members), key=lambda item: _run_order(*item)):
