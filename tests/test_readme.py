@@ -2,7 +2,7 @@
 
 Commands are read from the README itself: ``python src/<script>.py ...`` and ``python -m ganlab...`` lines in code
 blocks and inline code. Each training command is composed exactly as Hydra would compose it and trained for two
-generator steps; a multirun composes its last job and trains its first (test_sweeps.py composes every job of every
+generator steps; a multirun composes its last job and trains its first (test_sweeps.py composes every combination of every
 recipe); a report runs, without figures, on the runs this test made; the benchmark's flags parse (test_bench.py runs
 it); commands that need the network (CIFAR-10, MNIST) or name a placeholder folder must fail with their one-line
 reason.
@@ -156,7 +156,7 @@ def test_every_readme_command_runs(command: str, tmp_path: Path) -> None:
         return
     jobs = _jobs(overrides) if multirun else [overrides]
     assert jobs, command
-    # the last job composes (test_sweeps.py composes every job of every recipe) and the first one trains
+    # the last job composes (test_sweeps.py composes every combination of every recipe) and the first one trains
     _compose(jobs[-1])
     summary = _train_tiny(jobs[0], tmp_path / "run")
     assert summary["status"] == "completed" and summary["g_steps"] == 2, command
