@@ -2,10 +2,10 @@
 
 Commands are read from the README itself: ``python src/<script>.py ...`` and ``python -m ganlab...`` lines in code
 blocks and inline code. Each training command is composed exactly as Hydra would compose it and trained for two
-generator steps; a multirun composes its last job and trains its first (test_sweeps.py composes every combination of every
-recipe); a report runs, without figures, on the runs this test made; the benchmark's flags parse (test_bench.py runs
-it); commands that need the network (CIFAR-10, MNIST) or name a placeholder folder must fail with their one-line
-reason.
+generator steps; a multirun composes its last job and trains its first (test_sweeps.py composes every combination
+of every recipe); a report runs, without figures, on the runs this test made; the benchmark's flags parse
+(test_bench.py runs it); commands that need the network (CIFAR-10, MNIST) or name a placeholder folder must fail
+with their one-line reason.
 """
 
 from __future__ import annotations
