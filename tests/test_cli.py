@@ -15,15 +15,22 @@ ARMS = sorted(p.stem for p in (CONF / "loss").glob("*.yaml"))
 FAST = ["max_steps=3", "log_every=1", "sample_every=3", "ckpt_every=3", "batch_size=16"]
 
 
-@pytest.mark.parametrize("data", ["ring8", "digits"])
-def test_every_arm_trains_and_writes_its_run_folder(tmp_path: Path, data: str) -> None:
-    # every arm through the real command line, as one sweep (one process start for all of them)
-    few = ["metrics.n_samples=200"] if data == "digits" else []  # the final evaluation at a tenth of its protocol
-    args = ["hydra.mode=MULTIRUN", f"loss={','.join(ARMS)}", f"data={data}", "logger=csv", *FAST, *few]
+@pytest.fixture(scope="module")
+def every_arm(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Every arm on 2-D points and on images through the real command line, as one sweep (one process start for
+    all of them; the final evaluations at 200 samples, their protocols are test_evaluation.py's)."""
+    tmp_path = tmp_path_factory.mktemp("cli")
+    args = ["hydra.mode=MULTIRUN", f"loss={','.join(ARMS)}", "data=ring8,digits", "logger=csv", *FAST,
+            "metrics.n_samples=200"]  # fmt: skip
     proc = run_cli(args, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return tmp_path / "multirun"
+
+
+@pytest.mark.parametrize("data", ["ring8", "digits"])
+def test_every_arm_trains_and_writes_its_run_folder(every_arm: Path, data: str) -> None:
     for loss in ARMS:
-        (run,) = (tmp_path / "multirun").glob(f"*_{data}_{loss}_seed0")
+        (run,) = every_arm.glob(f"*_{data}_{loss}_seed0")
         summary = json.loads((run / "summary.json").read_text())
         assert summary["status"] == "completed"
         assert summary["g_steps"] == 3 and summary["choices"]["loss"] == loss and summary["choices"]["data"] == data
