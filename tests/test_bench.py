@@ -76,6 +76,32 @@ def test_evaluation_share_counts_every_due_step() -> None:
     assert bench._evals_in_run(2000, 300) == 7  # 300, ..., 1800 and the last step
 
 
+def test_evaluation_share_times_the_interim_protocol_before_the_last_evaluation(monkeypatch, tmp_path: Path) -> None:
+    # a data set whose evaluations before the last one use fewer samples (as stacked_digits: 2,000, then 26,000)
+    clock = [0.0]
+
+    class Callback:
+        every = 1000
+
+        def on_fit_start(self, trainer, module) -> None:
+            pass
+
+        def n_samples_for(self, module, final: bool = True) -> int:
+            return 26_000 if final else 2_000
+
+        def evaluate(self, trainer, module, final: bool = True) -> dict:
+            clock[0] += 10.0 if final else 1.0  # seconds of the fake clock
+            return {}
+
+    import ganlab.pipeline
+
+    monkeypatch.setattr(ganlab.pipeline, "metrics_callback", lambda cfg: Callback())
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: clock[0])
+    cost = bench.eval_cost("ring8", 10, None, tmp_path, rate=100.0)  # default run: 2,000 steps, evaluations at 1k, 2k
+    assert cost.seconds == 10.0 and cost.evals == 2
+    assert cost.share == pytest.approx((10.0 + 1.0) / (2000 / 100.0 + 11.0))  # one interim, one final evaluation
+
+
 @pytest.mark.slow
 def test_quick_benchmark_finishes_within_a_minute() -> None:
     t0 = time.perf_counter()

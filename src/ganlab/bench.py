@@ -344,15 +344,21 @@ def eval_cost(data: str, steps: int, n_samples: int | None, workdir: Path, rate:
     callback.on_fit_start(None, module)
 
     no_loggers = SimpleNamespace(loggers=[])  # what evaluate() reads of the trainer
-    with torch.no_grad():
-        callback.evaluate(no_loggers, module)
+
+    def timed(final: bool) -> float:
+        callback.evaluate(no_loggers, module, final=final)  # warm: reference statistics cached after this
         t0 = time.perf_counter()
-        callback.evaluate(no_loggers, module)
-        seconds = time.perf_counter() - t0
+        callback.evaluate(no_loggers, module, final=final)
+        return time.perf_counter() - t0
+
+    with torch.no_grad():
+        seconds = timed(final=True)
+        # the evaluations before the last one run the data set's interim protocol where it has one (stacked sets)
+        interim = seconds if callback.n_samples_for(module, False) == callback.n_samples_for(module) else timed(False)
     evals = _evals_in_run(cfg.max_steps, callback.every)
-    total_eval = evals * seconds
+    total_eval = seconds + (evals - 1) * interim
     share = total_eval / (cfg.max_steps / rate + total_eval)
-    return EvalCost(data, callback.evaluator.n_samples, seconds, rate, evals, share)
+    return EvalCost(data, callback.n_samples_for(module), seconds, rate, evals, share)
 
 
 # -- minibatch discrimination -------------------------------------------------------------------------------------
