@@ -94,7 +94,7 @@ class Run:
     metrics: dict[str, float] = field(default_factory=dict)
     preview: str | None = None  # the data set's preview kind from summary.json (None: not recorded)
     variant: tuple[str, ...] = ()  # overrides besides loss that set this run's arm apart (filled by group_runs)
-    trained: dict[str, str] = field(default_factory=dict)  # dotted key -> the value it trained with (trained_with)
+    trained: dict[str, Any] = field(default_factory=dict)  # the config it trained with (trained_with)
     job_num: int | None = None  # the job's number in its Hydra sweep (None: not a Hydra sweep job)
 
     @property
@@ -170,9 +170,9 @@ def _value_text(value: Any) -> str:
     return str(value)
 
 
-def trained_with(run_dir: Path, summary: Mapping[str, Any]) -> dict[str, str]:
-    """Every node of the run's resolved ``config.yaml`` by dotted key (``model.optim_g.lr``, ``model``, ...) as
-    text, with ``batch_size`` and ``d_steps`` at the values the run resolved (``summary.json``); {} without one.
+def trained_with(run_dir: Path, summary: Mapping[str, Any]) -> dict[str, Any]:
+    """The run's resolved ``config.yaml`` with ``batch_size`` and ``d_steps`` at the values the run resolved
+    (``summary.json``); {} without one. Read by :func:`_trained_value`.
 
     An arm is what its runs trained with: ``max_steps=10000`` on the command line and in a recipe's body, or
     ``batch_size=512`` and ``null`` resolved to 512, are the same setting."""
@@ -182,21 +182,22 @@ def trained_with(run_dir: Path, summary: Mapping[str, Any]) -> dict[str, str]:
         config = yaml.safe_load((run_dir / "config.yaml").read_text())
     except (OSError, yaml.YAMLError):
         return {}
-    out: dict[str, str] = {}
-
-    def walk(node: Any, prefix: str) -> None:
-        if prefix:
-            out[prefix] = _value_text(node)
-        if isinstance(node, dict):
-            for key, value in node.items():
-                walk(value, f"{prefix}.{key}" if prefix else str(key))
-
-    walk(config if isinstance(config, dict) else {}, "")
+    config = config if isinstance(config, dict) else {}
     for key in _RESOLVED:  # older records lack the resolved value: the config's stands
         value = summary.get(key)
         if isinstance(value, int) and not isinstance(value, bool):
-            out[key] = str(value)
-    return out
+            config[key] = value
+    return config
+
+
+def _trained_value(run: Run, key: str) -> str | None:
+    """The value at dotted ``key`` the run trained with, as text; else the override's text; None if neither."""
+    node: Any = run.trained
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return run.overrides.get(key)
+        node = node[part]
+    return _value_text(node)
 
 
 def eval_metrics(run_dir: Path) -> dict[str, float]:
@@ -284,10 +285,7 @@ def group_runs(runs: Sequence[Run]) -> dict[str, dict[str, list[Run]]]:
     grouped: dict[str, dict[str, list[Run]]] = {}
     for data, members in sorted(by_data.items()):
         keys = {k for r in members for k in r.overrides if not _NOT_AN_ARM.match(k)}
-
-        def value(run: Run, key: str) -> str | None:  # what the run trained with, else what it was told
-            return run.trained[key] if key in run.trained else run.overrides.get(key)
-
+        value = _trained_value
         # an override is part of the arm only if the runs trained with more than one value of it (or one is unknown)
         varying = sorted(k for k in keys if len({value(r, k) for r in members}) > 1)
         for run in members:
