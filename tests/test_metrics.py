@@ -250,6 +250,31 @@ def test_shared_pass_gives_the_numbers_of_separate_computations(digits, n_real, 
     assert ev(fake) == shared  # the reference kept by the evaluator gives the same numbers again
 
 
+def test_small_bound_columns_are_the_minima_of_the_groups_with_the_smallest_minima():
+    g = torch.randn(5, 16 * 20 + 7, generator=torch.Generator().manual_seed(0))
+    got = fm._group_minima(g, 6, group=16)
+    groups = 20
+    for row, cols in zip(g, got, strict=True):
+        members = row[: 16 * groups].view(16, groups)  # group r: columns r, r + 20, ..., r + 300
+        best = members.amin(0).topk(6, largest=False).indices
+        assert sorted(cols.tolist()) == sorted((members[:, best].argmin(0) * groups + best).tolist())
+        assert torch.equal(row[cols].sort().values, members.amin(0).topk(6, largest=False).values.sort().values)
+    assert torch.equal(fm._group_minima(g[:, :40], 6, group=16), g[:, :40].topk(6, largest=False).indices)
+
+
+def test_pruned_knn_radii_are_exact_when_the_bound_is_tight():
+    """Features inside the bound's subspace: the bound is the distance, so a radius bound one neighbour too small
+    (or the row itself counted twice) would leave the true k-th neighbour out of the candidates."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(900, 8, generator=g, dtype=torch.float64)
+    x[100:130] = x[100]  # duplicates: radius 0 for these rows
+    bound = fm.DistanceBound.principal(x.mean(0), torch.cov(x.T), dims=8)
+    dense = fm.knn_radii(x, rows=256)
+    for rows in (64, 128, 1000):
+        assert torch.allclose(fm.knn_radii(x, rows=rows, bound=bound), dense, rtol=1e-12, atol=1e-6)
+    assert (dense[100:130] < 1e-6).all() and (dense[:100] > 0.1).all()
+
+
 def test_pruned_knn_and_precision_recall_equal_the_full_distance_matrix(monkeypatch):
     """The lower-bound pruning skips pairs but never changes a radius or a precision/recall decision."""
     g = torch.Generator().manual_seed(0)
