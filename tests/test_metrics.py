@@ -115,6 +115,32 @@ def test_fid_kid_is_equal_numpy_scipy_on_the_same_features(digits):
     assert got["kid500"] == pytest.approx(_kid(ff["features"], fr, m=500), rel=1e-6)
 
 
+def test_kid_plan_is_torch_fidelitys_kid_with_the_reference_sums_kept(tmp_path, monkeypatch):
+    """Same subsets, same kernel, same estimator as ``kid_features_to_metric``; the reference side is computed once
+    per size and read back from the cache by a new reference (a new run)."""
+    from torch_fidelity.metric_kid import kid_features_to_metric
+
+    g = torch.Generator().manual_seed(0)
+    real = load_digits_uint8()[0][:400]
+    ref = fm.DigitsReference(real, cache_dir=tmp_path, cache_key_parts=("digits", "train"))
+    fake = 1.5 * ref.features(len(real))[:300] + torch.randn(300, 64, generator=g, dtype=torch.float64)
+    for m in (50, 300):
+        want = kid_features_to_metric(fake, ref.features(len(real)), kid_subset_size=m, verbose=False)
+        got = ref.kid_plan(len(fake), m)(fake, ref.features(len(real)))
+        assert got[0] == pytest.approx(want[torch_fidelity_key("mean")], rel=1e-9)
+        assert got[1] == pytest.approx(want[torch_fidelity_key("std")], rel=1e-9)
+    assert got[0] > 0.1  # not a trivial case: the generated side differs
+    monkeypatch.setattr(fm.KidPlan, "draw", lambda *a, **k: pytest.fail("the reference's KID sums were recomputed"))
+    again = fm.DigitsReference(real, cache_dir=tmp_path, cache_key_parts=("digits", "train"))
+    assert again.kid_plan(len(fake), 300)(fake, again.features(len(real))) == got
+
+
+def torch_fidelity_key(which: str) -> str:
+    import torch_fidelity
+
+    return torch_fidelity.KEY_METRIC_KID_MEAN if which == "mean" else torch_fidelity.KEY_METRIC_KID_STD
+
+
 def test_fid_and_is_order_real_noise_and_collapse(digits):
     train_x, _, test_x, _ = digits
     kw = {"cache_key_parts": ("digits", "train"), "kid": False, "prc": False}

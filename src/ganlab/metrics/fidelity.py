@@ -705,6 +705,68 @@ def precision_recall(
     return float(precise.float().mean().item()), float(inside_fake.float().mean().item())
 
 
+class KidPlan:
+    """torch-fidelity's KID subsets for ``n_fake`` generated and ``n_real`` reference samples, with the reference
+    side's kernel sums, so an evaluation computes only the generated side and the cross terms.
+
+    ``kid_features_to_metric`` draws, per subset, ``m`` generated rows then ``m`` reference rows without replacement
+    from ``np.random.RandomState(rng_seed)``; the draws depend on the sizes only, so they are drawn once here, in
+    the same order. The reference's off-diagonal kernel sum of each subset is the same at every evaluation of that
+    size (a third of KID's products), and is kept (and cached on disk by :class:`DigitsReference`). Measured on
+    26,000 stacked-digits samples against the 50,000 reference rows, one thread: 0.84 s against 1.82 s for
+    torch-fidelity's loop at ``m = 500``, 3.3 s against 5.9 s at 1,000; the values agree to 1e-9
+    (``tests/test_metrics.py``): the products are float64 as there, only summed in another order.
+    """
+
+    def __init__(self, fake_rows: Tensor, real_rows: Tensor, real_sums: Tensor) -> None:
+        self.fake_rows, self.real_rows, self.real_sums = fake_rows, real_rows, real_sums
+
+    @staticmethod
+    def _kernel_sum(x: np.ndarray, y: np.ndarray | None = None) -> float:
+        """``sum_ij k(x_i, y_j)``, or without ``y`` the off-diagonal sum of ``k(x_i, x_j)``, for float64
+        ``[m, d]`` rows; ``k(a, b) = (a . b * gamma + coef0) ** degree``, torch-fidelity's polynomial kernel (numpy's
+        float64 products here ran 1.4x torch's)."""
+        defaults = torch_fidelity.defaults.DEFAULTS
+        degree, coef0 = defaults["kid_kernel_poly_degree"], defaults["kid_kernel_poly_coef0"]
+        gamma = defaults["kid_kernel_poly_gamma"] or 1.0 / x.shape[1]
+        k = np.matmul(x, (x if y is None else y).T) * gamma + coef0
+        if float(degree).is_integer() and degree >= 1:  # repeated products: numpy's ** 3 took 2x as long
+            power = k.copy()
+            for _ in range(int(degree) - 1):
+                power *= k
+        else:
+            power = k**degree
+        total = float(power.sum())
+        return total if y is not None else total - float(np.trace(power))
+
+    @classmethod
+    def draw(cls, n_fake: int, real: Tensor, m: int) -> KidPlan:
+        """The subsets torch-fidelity draws for ``n_fake`` samples against the float64 ``real`` features."""
+        defaults = torch_fidelity.defaults.DEFAULTS
+        rng = np.random.RandomState(defaults["rng_seed"])
+        rows = [(rng.choice(n_fake, m, replace=False), rng.choice(len(real), m, replace=False))
+                for _ in range(defaults["kid_subsets"])]  # fmt: skip
+        real_np = real.numpy()
+        sums = torch.tensor([cls._kernel_sum(real_np[b]) for _, b in rows], dtype=torch.float64)
+        return cls(
+            torch.from_numpy(np.stack([a for a, _ in rows])), torch.from_numpy(np.stack([b for _, b in rows])), sums
+        )
+
+    def state(self) -> dict[str, Tensor]:
+        return {"fake_rows": self.fake_rows, "real_rows": self.real_rows, "real_sums": self.real_sums}
+
+    def __call__(self, fake: Tensor, real: Tensor) -> tuple[float, float]:
+        """KID mean and standard deviation over the subsets, as ``kid_features_to_metric`` returns them."""
+        m = self.fake_rows.shape[1]
+        fake_np, real_np = fake.numpy(), real.numpy()
+        mmd = np.empty(len(self.fake_rows))
+        for s, (f, r) in enumerate(zip(self.fake_rows.numpy(), self.real_rows.numpy(), strict=True)):
+            x = fake_np[f]
+            xx, xy = self._kernel_sum(x), self._kernel_sum(x, real_np[r])
+            mmd[s] = (xx + float(self.real_sums[s])) / (m * (m - 1)) - 2 * xy / (m * m)
+        return float(np.mean(mmd)), float(np.std(mmd))
+
+
 class DigitsReference:
     """The reference split seen by the digits CNN, computed once: features, FID statistics, k-NN radii.
 
@@ -735,6 +797,7 @@ class DigitsReference:
         self._radii: dict[int, Tensor] = {}
         self._fid_stats: dict | None = None
         self._bound: DistanceBound | None = None
+        self._kid: dict[tuple[int, int], KidPlan] = {}
 
     def _name(self, m: int) -> str | None:
         if self.key is None:
@@ -788,6 +851,19 @@ class DigitsReference:
                 self._radii[m] = self._load_or(file, lambda: knn_radii(self.features(m), bound=self.bound()))
         return self._radii[m]
 
+    def kid_plan(self, n_fake: int, m: int) -> KidPlan:
+        """KID's subsets for ``n_fake`` generated samples of subsets of ``m``, with the reference side's sums
+        (:class:`KidPlan`), kept per run and cached on disk beside the radii."""
+        if (n_fake, m) not in self._kid:
+            n_real, name = len(self.real), self._name(len(self.real))
+            defaults = torch_fidelity.defaults.DEFAULTS
+            tag = f"kid{m}x{defaults['kid_subsets']}-n{n_fake}-seed{defaults['rng_seed']}"
+            file = None if name is None else f"{name}-{DIGITS_EXTRACTOR}-{tag}.pt"
+            with _small_blas(DIGITS_EXTRACTOR):
+                state = self._load_or(file, lambda: KidPlan.draw(n_fake, self.features(n_real), m).state())
+            self._kid[(n_fake, m)] = KidPlan(**state)
+        return self._kid[(n_fake, m)]
+
     def bound(self) -> DistanceBound:
         """Lower bounds of feature distances along the reference's principal directions (precision/recall)."""
         if self._bound is None:
@@ -809,7 +885,6 @@ def fidelity_from_pass(
     """:func:`compute_fidelity`'s numbers (same names, same protocol) from a :func:`digits_pass` of the samples."""
     from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
     from torch_fidelity.metric_isc import isc_features_to_metric
-    from torch_fidelity.metric_kid import kid_features_to_metric
 
     n, n_real = len(fake), len(reference.real)
     if n < 2 or n_real < 2:
@@ -833,9 +908,9 @@ def fidelity_from_pass(
             out[protocol_name("is", n) + "_std"] = value[torch_fidelity.KEY_METRIC_ISC_STD]
         if kid:
             m = min(kid_subset_size, n, n_real)
-            value = kid_features_to_metric(fake.features, reference.features(n_real), kid_subset_size=m, verbose=False)
-            out[protocol_name("kid", n)] = value[torch_fidelity.KEY_METRIC_KID_MEAN]
-            out[protocol_name("kid", n) + "_std"] = value[torch_fidelity.KEY_METRIC_KID_STD]
+            mean, std = reference.kid_plan(n, m)(fake.features, reference.features(n_real))
+            out[protocol_name("kid", n)] = mean
+            out[protocol_name("kid", n) + "_std"] = std
         if prc:
             m = min(n, n_real)
             bound = reference.bound()
