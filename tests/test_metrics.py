@@ -276,6 +276,24 @@ def test_shared_pass_gives_the_numbers_of_separate_computations(digits, n_real, 
     assert ev(fake) == shared  # the reference kept by the evaluator gives the same numbers again
 
 
+def test_the_cnn_pass_gives_the_same_bits_on_any_thread_count_and_batch():
+    """The evaluator's pass (the run's threads, batches of 256) and torch-fidelity's route (one thread, batches of
+    64) share cached reference features, so they must agree bit for bit, not just closely."""
+    from ganlab.metrics.classifier import one_thread
+
+    images = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (700, 3, 8, 8), dtype=np.uint8))
+    net = load_digits_classifier()
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        fast = fm.digits_pass(images, net)
+        with one_thread():
+            slow = fm.digits_pass(images, net, batch_size=64)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(fast.features, slow.features) and torch.equal(fast.logits, slow.logits)
+
+
 def test_small_bound_columns_are_the_minima_of_the_groups_with_the_smallest_minima():
     g = torch.randn(5, 16 * 20 + 7, generator=torch.Generator().manual_seed(0))
     got = fm._group_minima(g, 6, group=16)
