@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
+import torch_fidelity
 import torch_fidelity.feature_extractor_inceptionv3 as tf_inception
 
 from ganlab.data import Digits, Ring8, StackedDigits, load_digits_uint8
@@ -127,18 +128,12 @@ def test_kid_plan_is_torch_fidelitys_kid_with_the_reference_sums_kept(tmp_path, 
     for m in (50, 300):
         want = kid_features_to_metric(fake, ref.features(len(real)), kid_subset_size=m, verbose=False)
         got = ref.kid_plan(len(fake), m)(fake, ref.features(len(real)))
-        assert got[0] == pytest.approx(want[torch_fidelity_key("mean")], rel=1e-9)
-        assert got[1] == pytest.approx(want[torch_fidelity_key("std")], rel=1e-9)
+        assert got[0] == pytest.approx(want[torch_fidelity.KEY_METRIC_KID_MEAN], rel=1e-9)
+        assert got[1] == pytest.approx(want[torch_fidelity.KEY_METRIC_KID_STD], rel=1e-9)
     assert got[0] > 0.1  # not a trivial case: the generated side differs
     monkeypatch.setattr(fm.KidPlan, "draw", lambda *a, **k: pytest.fail("the reference's KID sums were recomputed"))
     again = fm.DigitsReference(real, cache_dir=tmp_path, cache_key_parts=("digits", "train"))
     assert again.kid_plan(len(fake), 300)(fake, again.features(len(real))) == got
-
-
-def torch_fidelity_key(which: str) -> str:
-    import torch_fidelity
-
-    return torch_fidelity.KEY_METRIC_KID_MEAN if which == "mean" else torch_fidelity.KEY_METRIC_KID_STD
 
 
 def test_fid_and_is_order_real_noise_and_collapse(digits):

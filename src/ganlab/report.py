@@ -285,14 +285,13 @@ def group_runs(runs: Sequence[Run]) -> dict[str, dict[str, list[Run]]]:
     grouped: dict[str, dict[str, list[Run]]] = {}
     for data, members in sorted(by_data.items()):
         keys = {k for r in members for k in r.overrides if not _NOT_AN_ARM.match(k)}
-        value = _trained_value
         # an override is part of the arm only if the runs trained with more than one value of it (or one is unknown)
-        varying = sorted(k for k in keys if len({value(r, k) for r in members}) > 1)
+        varying = sorted(k for k in keys if len({_trained_value(r, k) for r in members}) > 1)
         for run in members:
             run.variant = tuple(
-                f"{k}={run.overrides[k] if k in run.overrides else value(run, k)}"
+                f"{k}={run.overrides[k] if k in run.overrides else _trained_value(run, k)}"
                 for k in varying
-                if value(run, k) is not None
+                if _trained_value(run, k) is not None
             )
         arms: dict[str, list[Run]] = {}
         # arms in the order the sweep ran them: by their first job number, else by their first folder
