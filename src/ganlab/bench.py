@@ -4,9 +4,12 @@ Prints one table, every figure measured in this run:
 
 - **steps/s**: steady-state generator steps per second of the pipeline (the real :class:`~ganlab.tasks.gan.GANModule`
   built by :func:`ganlab.pipeline.build` and driven by a Lightning Trainer with the pipeline's settings, callbacks and
-  CSV logger) and of a plain PyTorch loop (:func:`plain_loop`: the same nets, data, batch and Adam settings; k D
-  updates on fresh batches, then one G update), run in turn in one process; the ratio is the median of the
-  per-round ratios, which holds on a noisy, shared machine where absolute figures drift.
+  CSV logger) and of a plain PyTorch loop (:class:`PlainLoop`: the same nets, data, batch and Adam settings; k D
+  updates on fresh batches, then one G update), interleaved in one process: after every block of pipeline steps
+  the same number of plain steps runs inside the pipeline's run (:func:`compare`), so both halves of every pair see
+  the same seconds of the machine. The ratio is plain seconds over pipeline seconds for the same steps, per run;
+  the median over the runs. (Run in turn, a minute apart, the two loops' rates drifted by 1.5x on this shared VM
+  and the ratio of one setting moved between 0.80 and 1.09 from run to run; paired, it repeats to +-0.02.)
 - **GFLOP/s** of the 32x32 DCGAN step (``torch.utils.flop_counter``) beside this machine's float32 matmul rate
   (a 2048x2048 sgemm) measured in the same run.
 - **evaluation**: one evaluation's seconds and its share of a default run (``max_steps`` generator steps at the
@@ -113,9 +116,7 @@ def _timer_callback() -> Any:
             self.times: list[float] = []
 
         def on_train_batch_end(self, *args: Any) -> None:
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            self.times.append(time.perf_counter())
+            self.times.append(_now())
 
     return StepTimes()
 
@@ -128,8 +129,10 @@ def steady_rate(times: Sequence[float], warmup: int) -> float:
     return (end - warmup) / (times[end] - times[warmup])
 
 
-def pipeline_run(cfg: Any, steps: int, warmup: int, workdir: Path) -> tuple[float, Any]:
-    """Steady steps/s of the pipeline for ``steps`` generator steps, and the trained module."""
+def fit(cfg: Any, steps: int, workdir: Path, instrument: Any) -> Any:
+    """Train the pipeline for ``steps`` generator steps with one ``instrument`` callback after its own (a step
+    timer or the paired plain loop: a second one would cost the pipeline a hook call per Lightning hook); the
+    trained module."""
     import pytorch_lightning as pl
     from omegaconf import OmegaConf
 
@@ -143,13 +146,87 @@ def pipeline_run(cfg: Any, steps: int, warmup: int, workdir: Path) -> tuple[floa
     pl.seed_everything(cfg.seed, workers=False, verbose=False)
     module = build(cfg)
     workdir.mkdir(parents=True, exist_ok=True)
-    timer = _timer_callback()
-    trainer = make_trainer(
-        cfg, module, workdir, make_loggers(cfg.logger, workdir, {}), [*callbacks(cfg, workdir), timer]
-    )
+    loggers = make_loggers(cfg.logger, workdir, {})
+    trainer = make_trainer(cfg, module, workdir, loggers, [*callbacks(cfg, workdir), instrument])
     with contextlib.redirect_stdout(io.StringIO()):  # the pipeline's progress lines
         trainer.fit(module)
+    return module
+
+
+def pipeline_run(cfg: Any, steps: int, warmup: int, workdir: Path) -> tuple[float, Any]:
+    """Steady steps/s of the pipeline alone for ``steps`` generator steps, and the trained module."""
+    timer = _timer_callback()
+    module = fit(cfg, steps, workdir, timer)
     return steady_rate(timer.times, warmup), module
+
+
+class PlainLoop:
+    """A plain PyTorch GAN loop (non-saturating loss), one generator step per :meth:`step`: ``d_steps`` D updates
+    on fresh real and noise batches, then one G update with D frozen. ``n_d``, ``n_g`` count optimizer steps."""
+
+    def __init__(
+        self,
+        G: torch.nn.Module,
+        D: torch.nn.Module,
+        data: InMemoryData,
+        *,
+        batch_size: int,
+        d_steps: int,
+        z_dim: int,
+        optim_g: dict[str, Any],
+        optim_d: dict[str, Any],
+        seed: int = 0,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        self.G, self.D = G.to(device).requires_grad_(True), D.to(device).requires_grad_(True)
+        self.opt_g = torch.optim.Adam(G.parameters(), lr=optim_g["lr"], betas=tuple(optim_g["betas"]))
+        self.opt_d = torch.optim.Adam(D.parameters(), lr=optim_d["lr"], betas=tuple(optim_d["betas"]))
+        self.data, self.pool, self.m = data, data.train_x.to(device), batch_size
+        self.d_steps, self.z_dim, self.device = d_steps, z_dim, device
+        self.gen = torch.Generator(device=device).manual_seed(seed)
+        self.ones, self.zeros = torch.ones(batch_size, device=device), torch.zeros(batch_size, device=device)
+        self.n_d = self.n_g = 0
+
+    @classmethod
+    def like(cls, module: Any, device: str | torch.device = "cpu") -> PlainLoop:
+        """A plain loop on copies of ``module``'s nets, with its data, batch size, k and Adam settings."""
+        G, D = copy.deepcopy(module.G).train(), copy.deepcopy(module.D).train()
+        return cls(
+            G,
+            D,
+            module.data,
+            batch_size=module.batch_size,
+            d_steps=module.schedule.count("D"),
+            z_dim=module.z_dim,
+            optim_g=module.optim_g,
+            optim_d=module.optim_d,
+            device=device,
+        )
+
+    def _noise(self) -> Tensor:
+        return torch.randn(self.m, self.z_dim, generator=self.gen, device=self.device)
+
+    def step(self) -> None:
+        G, D, m = self.G, self.D, self.m
+        for _ in range(self.d_steps):
+            idx = torch.randint(len(self.pool), (m,), generator=self.gen, device=self.device)
+            real = self.data.to_model(self.pool[idx])
+            with torch.no_grad():
+                fake = G(self._noise())
+            loss = F.binary_cross_entropy_with_logits(D(real)[0], self.ones) + F.binary_cross_entropy_with_logits(
+                D(fake)[0], self.zeros
+            )
+            self.opt_d.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt_d.step()
+            self.n_d += 1
+        D.requires_grad_(False)
+        loss = F.binary_cross_entropy_with_logits(D(G(self._noise()))[0], self.ones)
+        self.opt_g.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt_g.step()
+        D.requires_grad_(True)
+        self.n_g += 1
 
 
 def plain_loop(
@@ -158,45 +235,17 @@ def plain_loop(
     data: InMemoryData,
     *,
     steps: int,
-    batch_size: int,
-    d_steps: int,
-    z_dim: int,
-    optim_g: dict[str, Any],
-    optim_d: dict[str, Any],
-    seed: int = 0,
     on_step: Callable[[], None] | None = None,
-    device: str | torch.device = "cpu",
+    **settings: Any,
 ) -> tuple[int, int]:
-    """A plain PyTorch GAN loop (non-saturating loss): per generator step, ``d_steps`` D updates on fresh real and
-    noise batches, then one G update with D frozen. Returns ``(D optimizer steps, G optimizer steps)``."""
-    G, D = G.to(device).requires_grad_(True), D.to(device).requires_grad_(True)
-    opt_g = torch.optim.Adam(G.parameters(), lr=optim_g["lr"], betas=tuple(optim_g["betas"]))
-    opt_d = torch.optim.Adam(D.parameters(), lr=optim_d["lr"], betas=tuple(optim_d["betas"]))
-    pool, m, gen = data.train_x.to(device), batch_size, torch.Generator(device=device).manual_seed(seed)
-    ones, zeros = torch.ones(m, device=device), torch.zeros(m, device=device)
-    n_d = n_g = 0
+    """``steps`` generator steps of :class:`PlainLoop` (``settings``: its keyword arguments), ``on_step`` after
+    each. Returns ``(D optimizer steps, G optimizer steps)``."""
+    loop = PlainLoop(G, D, data, **settings)
     for _ in range(steps):
-        for _ in range(d_steps):
-            real = data.to_model(pool[torch.randint(len(pool), (m,), generator=gen, device=device)])
-            with torch.no_grad():
-                fake = G(torch.randn(m, z_dim, generator=gen, device=device))
-            loss = F.binary_cross_entropy_with_logits(D(real)[0], ones) + F.binary_cross_entropy_with_logits(
-                D(fake)[0], zeros
-            )
-            opt_d.zero_grad(set_to_none=True)
-            loss.backward()
-            opt_d.step()
-            n_d += 1
-        D.requires_grad_(False)
-        loss = F.binary_cross_entropy_with_logits(D(G(torch.randn(m, z_dim, generator=gen, device=device)))[0], ones)
-        opt_g.zero_grad(set_to_none=True)
-        loss.backward()
-        opt_g.step()
-        D.requires_grad_(True)
-        n_g += 1
+        loop.step()
         if on_step is not None:
             on_step()
-    return n_d, n_g
+    return loop.n_d, loop.n_g
 
 
 def device() -> torch.device:
@@ -206,36 +255,63 @@ def device() -> torch.device:
 
 def _tick(times: list[float]) -> Callable[[], None]:
     """Record the time after a step (after the GPU finished it)."""
-
-    def tick() -> None:
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter())
-
-    return tick
+    return lambda: times.append(_now())
 
 
 def plain_rate(module: Any, cfg: Any, steps: int, warmup: int) -> float:
-    """Steady steps/s of :func:`plain_loop` on fresh copies of ``module``'s nets."""
+    """Steady steps/s of :class:`PlainLoop` alone, on fresh copies of ``module``'s nets."""
     set_threads(cfg)
-    G, D = copy.deepcopy(module.G).train(), copy.deepcopy(module.D).train()
-    for p in [*G.parameters(), *D.parameters()]:
-        p.requires_grad_(True)
-    times: list[float] = []
-    plain_loop(
-        G,
-        D,
-        module.data,
-        steps=steps,
-        batch_size=module.batch_size,
-        d_steps=module.schedule.count("D"),
-        z_dim=module.z_dim,
-        optim_g=module.optim_g,
-        optim_d=module.optim_d,
-        on_step=_tick(times),
-        device=device(),
-    )
+    loop, times = PlainLoop.like(module, device()), []
+    tick = _tick(times)
+    for _ in range(steps):
+        loop.step()
+        tick()
     return steady_rate(times, warmup)
+
+
+def _paired_blocks(block: int, warmup: int) -> Any:
+    """A callback that runs the plain loop *inside* the pipeline's run: after every ``block`` pipeline steps,
+    ``block`` :class:`PlainLoop` steps on copies of the module's initial nets. ``pairs`` holds (pipeline seconds,
+    plain seconds) per block, from the first block that ends after ``warmup`` to the last one before the final
+    step (which saves and samples). Both halves of a pair see the same seconds of a noisy machine, so their ratio
+    holds where rates measured a minute apart do not (on this shared VM they drift by 1.5x within minutes)."""
+    import pytorch_lightning as pl
+
+    class PairedBlocks(pl.Callback):
+        def __init__(self) -> None:
+            self.pairs: list[tuple[float, float]] = []
+            self.plain: PlainLoop | None = None
+            self.mark = 0.0
+
+        def on_train_start(self, trainer: Any, module: Any) -> None:
+            self.plain = PlainLoop.like(module, device())
+            self.mark = _now()
+
+        def on_train_batch_end(self, trainer: Any, module: Any, *args: Any) -> None:
+            if module.g_step % block or module.g_step >= module.max_steps:
+                return
+            assert self.plain is not None
+            t_pipe = _now()
+            for _ in range(block):
+                self.plain.step()
+            t_plain = _now()
+            if module.g_step > warmup:
+                self.pairs.append((t_pipe - self.mark, t_plain - t_pipe))
+            self.mark = _now()
+
+    return PairedBlocks()
+
+
+@functools.cache
+def _cuda() -> bool:
+    return torch.cuda.is_available()  # asked once: under Lightning each call loads NVML again (~0.1 ms)
+
+
+def _now() -> float:
+    """The time after the device finished its queued work."""
+    if _cuda():
+        torch.cuda.synchronize()
+    return time.perf_counter()
 
 
 @dataclass
@@ -246,21 +322,29 @@ class Speed:
     ratio: float
 
 
-def compare(name: str, overrides: Sequence[str], steps: int, rounds: int, workdir: Path) -> tuple[Speed, Any]:
-    """Pipeline and plain loop in turn, ``rounds`` times; medians of rates and of the per-round ratios."""
+def compare(
+    name: str, overrides: Sequence[str], steps: int, rounds: int, workdir: Path, block: int | None = None
+) -> tuple[Speed, Any]:
+    """Pipeline and plain loop interleaved in blocks of ``block`` steps (default: ~40 blocks a run), ``rounds``
+    runs. Per round: each loop's steps/s over the paired blocks, and their ratio (the same steps on each side,
+    so the ratio of their summed seconds); the medians over the rounds."""
     cfg = compose(overrides)
     warmup = max(2, steps // 5)
+    block = block or max(1, steps // 40)
+    if steps - warmup < 2 * block:
+        raise ValueError(f"{name}: {steps} steps leave fewer than 2 blocks of {block} after {warmup} warm-up steps")
     pipe, plain, ratios, module = [], [], [], None
     for r in range(rounds):
-        p, module = pipeline_run(cfg, steps, warmup, workdir / f"{name.split()[0]}_{r}")
-        q = plain_rate(module, cfg, steps, warmup)
-        pipe.append(p)
-        plain.append(q)
-        ratios.append(p / q)
+        paired = _paired_blocks(block, warmup)
+        module = fit(cfg, steps, workdir / f"{name.split()[0]}_{r}", paired)
+        t_pipe, t_plain = (sum(t) for t in zip(*paired.pairs, strict=True))
+        n = block * len(paired.pairs)
+        pipe.append(n / t_pipe)
+        plain.append(n / t_plain)
+        ratios.append(t_plain / t_pipe)
     return Speed(name, statistics.median(pipe), statistics.median(plain), statistics.median(ratios)), (cfg, module)
 
 
-# -- compute rates ------------------------------------------------------------------------------------------------
 def matmul_gflops(n: int = 2048, reps: int = 5) -> float:
     """float32 ``n x n`` matmul rate (GFLOP/s), best of ``reps``."""
     a, b = torch.randn(n, n, device=device()), torch.randn(n, n, device=device())
