@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from ganlab.losses import (
     FeatureMatching,
@@ -44,6 +45,22 @@ def test_one_sided_label_smoothing_changes_only_the_real_side() -> None:
     _, plain = discriminator_loss(torch.tensor(REAL), torch.tensor(FAKE))
     assert logs["loss/d_fake"].item() == plain["loss/d_fake"].item()  # fake side untouched
     assert loss.item() == pytest.approx(real + fake, rel=1e-6)
+
+
+def test_unsmoothed_discriminator_loss_gives_the_general_formulas_bits() -> None:
+    # alpha = 1 leaves the (1 - alpha) term out of the graph: the loss and D's gradient must be the very bits of
+    # alpha * softplus(-l) + (1 - alpha) * softplus(l) at alpha = 1, so a run's numbers do not move
+    gen = torch.Generator().manual_seed(0)
+    real, fake = torch.randn(256, generator=gen) * 4, torch.randn(256, generator=gen) * 4
+    r1, f1 = real.clone().requires_grad_(), fake.clone().requires_grad_()
+    loss, logs = discriminator_loss(r1, f1)
+    loss.backward()
+    r2, f2 = real.clone().requires_grad_(), fake.clone().requires_grad_()
+    general = (1.0 * F.softplus(-r2) + 0.0 * F.softplus(r2)).mean() + F.softplus(f2).mean()
+    general.backward()
+    assert torch.equal(loss, general)
+    assert torch.equal(r1.grad, r2.grad) and torch.equal(f1.grad, f2.grad)
+    assert logs["loss/d_real"] + logs["loss/d_fake"] == loss
 
 
 def test_minimax_and_non_saturating_equal_their_formulas() -> None:

@@ -25,12 +25,14 @@ def discriminator_loss(real_logits: Tensor, fake_logits: Tensor, real_target: fl
     ``real_target`` < 1 is one-sided label smoothing (Salimans et al. 2016 §3.4): the real side's target becomes
     alpha, i.e. ``alpha * -log D(x) + (1 - alpha) * -log(1 - D(x))``; the fake side's target stays 0.
     """
-    # real: alpha * -log(sigmoid(l)) + (1 - alpha) * -log(1 - sigmoid(l))
-    real = real_target * F.softplus(-real_logits) + (1.0 - real_target) * F.softplus(real_logits)
+    # real: alpha * -log(sigmoid(l)) + (1 - alpha) * -log(1 - sigmoid(l)); at alpha = 1 the second term is
+    # left out of the graph rather than multiplied by 0 (the same bits, three fewer ops forward and backward)
+    real = F.softplus(-real_logits)
+    if real_target != 1.0:
+        real = real_target * real + (1.0 - real_target) * F.softplus(real_logits)
     # fake: -log(1 - sigmoid(l))
-    fake = F.softplus(fake_logits)
-    loss = real.mean() + fake.mean()
-    return loss, {"loss/d_real": real.mean().detach(), "loss/d_fake": fake.mean().detach()}
+    real_mean, fake_mean = real.mean(), F.softplus(fake_logits).mean()
+    return real_mean + fake_mean, {"loss/d_real": real_mean.detach(), "loss/d_fake": fake_mean.detach()}
 
 
 def minimax_generator_loss(fake_logits: Tensor) -> Tensor:
