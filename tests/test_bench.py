@@ -169,3 +169,14 @@ def test_auto_is_resolved_once_so_pipeline_and_plain_loop_share_a_count(monkeypa
         bench._auto_threads.cache_clear()
         torch.set_num_threads(before)
     assert seen == [1, 1, 1]
+
+
+def test_paired_blocks_interleave_equal_plain_steps_after_the_warm_up_and_before_the_last_step(tmp_path: Path) -> None:
+    cfg = bench.compose(["data=ring8", "model=mlp", "metrics=none", "batch_size=16"])
+    paired = bench._paired_blocks(block=2, warmup=4)
+    module = bench.fit(cfg, 12, tmp_path, paired)
+    # blocks end at generator steps 2, 4, 6, 8, 10 (12 is the last step: it saves and samples); 2, 4: warm-up
+    assert module.g_step == 12 and paired.plain.n_g == 5 * 2 and paired.plain.n_d == 5 * 2 * module.schedule.count("D")
+    assert len(paired.pairs) == 3 and all(p > 0 and q > 0 for p, q in paired.pairs)
+    speed, _ = bench.compare("ring8 MLP b256", ["data=ring8", "model=mlp", "metrics=none"], 12, 1, tmp_path, block=2)
+    assert speed.ratio == pytest.approx(speed.pipeline / speed.plain)  # one round: the rates of the same steps
