@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -136,3 +137,27 @@ def test_usable_cores_respects_a_cgroup_quota(monkeypatch, tmp_path: Path) -> No
     assert threads.usable_cores() == 2
     (tmp_path / "cpu.max").write_text("max 100000\n")  # unlimited: the affinity decides
     assert threads.usable_cores() == 4
+
+
+@pytest.mark.parametrize(
+    ("nvml_gpus", "before", "after"), [(-1, "1", "0"), (0, "1", "0"), (2, "1", "1"), (0, None, None)]
+)
+def test_the_nvml_cuda_check_is_turned_off_only_where_nvml_finds_no_gpu(monkeypatch, nvml_gpus, before, after) -> None:
+    # Lightning sets the NVML check; where there is no GPU it makes every Adam step load NVML again
+    from ganlab import pipeline
+
+    monkeypatch.setattr(torch.cuda, "_device_count_nvml", lambda: nvml_gpus)
+    if before is None:
+        monkeypatch.delenv(pipeline.NVML_CHECK, raising=False)
+    else:
+        monkeypatch.setenv(pipeline.NVML_CHECK, before)
+    assert pipeline.cheap_cuda_check() is (before != after)
+    assert os.environ.get(pipeline.NVML_CHECK) == after
+
+
+def test_importing_the_pipeline_here_leaves_torch_s_cuda_check_cheap() -> None:
+    import ganlab.pipeline  # noqa: F401  (imports Lightning, which sets the NVML check)
+
+    if torch.cuda._device_count_nvml() <= 0:
+        assert os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK") == "0"
+        assert not torch.cuda.is_available()
