@@ -144,3 +144,45 @@ def test_d_steps_null_takes_the_data_sets_k_and_a_number_overrides_it() -> None:
     assert build(compose_cfg(["data=gauss1d"])).schedule.count("D") == 3  # the 1-D demo: D near its optimum
     assert build(compose_cfg(["data=gauss1d", "d_steps=1"])).schedule.count("D") == 1
     assert build(compose_cfg(TINY)).schedule.count("D") == 1
+
+
+class BackwardHooks(pl.Callback):
+    """Counts Lightning's backward hooks: having one makes the module go through ``manual_backward``."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def on_after_backward(self, trainer: pl.Trainer, module) -> None:
+        self.calls += 1
+
+
+def test_the_direct_backward_trains_the_same_bits_and_yields_to_backward_hooks() -> None:
+    # with nothing on Lightning's backward path the step calls loss.backward() itself; a callback with a backward
+    # hook gets Lightning's manual_backward (its hook runs once per update), and both train the same bits
+    runs = []
+    for hooks in (None, BackwardHooks()):
+        pl.seed_everything(0, verbose=False)
+        module = build(compose_cfg(TINY))
+        fit_in_process(module, 4, [hooks] if hooks else [])
+        runs.append((module, hooks))
+    (direct, _), (manual, hooks) = runs
+    assert direct._direct_backward and not manual._direct_backward
+    assert hooks.calls == manual.d_updates + manual.g_step == 8
+    for a, b in zip(direct.state_dict().values(), manual.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_a_loss_scaling_precision_keeps_lightnings_backward() -> None:
+    from types import SimpleNamespace
+
+    from pytorch_lightning.plugins.precision import MixedPrecision
+
+    from ganlab.tasks.gan import backward_is_plain
+
+    module = build(compose_cfg(TINY))
+    plain = SimpleNamespace(precision_plugin=MixedPrecision("bf16-mixed", "cpu"), strategy=SimpleNamespace(model=None),
+                            callbacks=[])  # fmt: skip
+    assert backward_is_plain(plain, module)
+    scaled = MixedPrecision("16-mixed", "cpu", scaler=SimpleNamespace())
+    assert not backward_is_plain(SimpleNamespace(**{**vars(plain), "precision_plugin": scaled}), module)
+    assert not backward_is_plain(SimpleNamespace(**{**vars(plain), "callbacks": [BackwardHooks()]}), module)
