@@ -29,6 +29,10 @@ def _due(module: GANModule, every: int) -> bool:
     return is_due(module.g_step, every, module.max_steps)
 
 
+_SCATTER_MARGINS = {"left": 0.14, "right": 0.97, "bottom": 0.08, "top": 0.93}
+_DENSITY_MARGINS = {"left": 0.08, "right": 0.97, "bottom": 0.09, "top": 0.92}
+
+
 def save_preview(module: GANModule, samples: torch.Tensor, path: Path) -> None:
     """Write the preview the data set declares (``data.evaluation.preview``) to ``path``: an image grid
     (``grid``), a scatter plot over the real data (``scatter``, 2-D points) or Goodfellow et al.'s Figure 1
@@ -50,7 +54,9 @@ def save_preview(module: GANModule, samples: torch.Tensor, path: Path) -> None:
         _figure1(module, samples, ax)
     ax.set_title(f"generator step {module.g_step}")
     ax.legend(loc="upper right", fontsize=7)
-    fig.tight_layout()
+    # fixed margins that fit the tick labels and title: tight_layout would draw the figure once more to measure
+    # them (~80 ms of a ~250 ms preview, every sample_every steps)
+    fig.subplots_adjust(**(_SCATTER_MARGINS if preview == "scatter" else _DENSITY_MARGINS))
     fig.savefig(path)
     plt.close(fig)
 
