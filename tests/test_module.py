@@ -147,7 +147,7 @@ def test_d_steps_null_takes_the_data_sets_k_and_a_number_overrides_it() -> None:
 
 
 class BackwardHooks(pl.Callback):
-    """Counts Lightning's backward hooks: having one makes the module go through ``manual_backward``."""
+    """Counts Lightning's backward hook: having one makes the module go through ``manual_backward``."""
 
     def __init__(self) -> None:
         self.calls = 0
@@ -156,20 +156,32 @@ class BackwardHooks(pl.Callback):
         self.calls += 1
 
 
-def test_the_direct_backward_trains_the_same_bits_and_yields_to_backward_hooks() -> None:
-    # with nothing on Lightning's backward path the step calls loss.backward() itself; a callback with a backward
-    # hook gets Lightning's manual_backward (its hook runs once per update), and both train the same bits
+class StepHooks(BackwardHooks):
+    """Counts Lightning's hook before an optimizer step instead: having one keeps ``LightningOptimizer.step``."""
+
+    on_after_backward = pl.Callback.on_after_backward
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, module, optimizer) -> None:
+        self.calls += 1
+
+
+def test_the_direct_backward_and_step_train_the_same_bits_and_yield_to_lightnings_hooks() -> None:
+    # with nothing on Lightning's backward or step path the training step calls loss.backward() and the bare
+    # optimizer step (between Lightning's step counters) itself; a callback with a hook there gets Lightning's
+    # path (its hook runs once per update); all train the same bits and count the same optimizer steps
     runs = []
-    for hooks in (None, BackwardHooks()):
+    for hooks in (None, BackwardHooks(), StepHooks()):
         pl.seed_everything(0, verbose=False)
         module = build(compose_cfg(TINY))
-        fit_in_process(module, 4, [hooks] if hooks else [])
-        runs.append((module, hooks))
-    (direct, _), (manual, hooks) = runs
-    assert direct._direct_backward and not manual._direct_backward
-    assert hooks.calls == manual.d_updates + manual.g_step == 8
-    for a, b in zip(direct.state_dict().values(), manual.state_dict().values(), strict=True):
-        assert torch.equal(a, b)
+        trainer = fit_in_process(module, 4, [hooks] if hooks else [])
+        runs.append((module, hooks, trainer.global_step))
+    (direct, _, steps), *others = runs
+    assert direct._direct_backward and direct._direct_step and steps == 8
+    assert [(m._direct_backward, m._direct_step) for m, _, _ in others] == [(False, True), (True, False)]
+    for module, hooks, global_step in others:
+        assert hooks.calls == module.d_updates + module.g_step == global_step == 8
+        for a, b in zip(direct.state_dict().values(), module.state_dict().values(), strict=True):
+            assert torch.equal(a, b)
 
 
 def test_a_loss_scaling_precision_keeps_lightnings_backward() -> None:
@@ -177,7 +189,7 @@ def test_a_loss_scaling_precision_keeps_lightnings_backward() -> None:
 
     from pytorch_lightning.plugins.precision import MixedPrecision
 
-    from ganlab.tasks.gan import backward_is_plain
+    from ganlab.tasks.gan import backward_is_plain, step_is_plain
 
     module = build(compose_cfg(TINY))
     plain = SimpleNamespace(precision_plugin=MixedPrecision("bf16-mixed", "cpu"), strategy=SimpleNamespace(model=None),
@@ -186,3 +198,4 @@ def test_a_loss_scaling_precision_keeps_lightnings_backward() -> None:
     scaled = MixedPrecision("16-mixed", "cpu", scaler=SimpleNamespace())
     assert not backward_is_plain(SimpleNamespace(**{**vars(plain), "precision_plugin": scaled}), module)
     assert not backward_is_plain(SimpleNamespace(**{**vars(plain), "callbacks": [BackwardHooks()]}), module)
+    assert not step_is_plain(SimpleNamespace(**{**vars(plain), "precision_plugin": scaled}), module)

@@ -29,14 +29,14 @@ ARMS = sorted(p.stem for p in (CONF / "loss").glob("*.yaml"))
 def _spy_on_backward(module) -> list[tuple[str, float]]:
     """Record (player, value) of every loss the module back-propagates."""
     seen: list[tuple[str, float]] = []
-    backward = module.manual_backward
+    backward = module._backward  # every update's backward (Lightning's manual_backward or loss.backward())
 
-    def spy(loss, *args, **kwargs):
+    def spy(loss):
         player = "G" if next(module.G.parameters()).requires_grad else "D"  # only the updated player's do
         seen.append((player, loss.item()))
-        return backward(loss, *args, **kwargs)
+        return backward(loss)
 
-    module.manual_backward = spy
+    module._backward = spy
     return seen
 
 
