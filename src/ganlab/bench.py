@@ -8,8 +8,9 @@ Prints one table, every figure measured in this run:
   updates on fresh batches, then one G update), interleaved in one process: after every block of pipeline steps
   the same number of plain steps runs inside the pipeline's run (:func:`compare`), so both halves of every pair see
   the same seconds of the machine. The ratio is plain seconds over pipeline seconds for the same steps, per run;
-  the median over the runs. (Run in turn, a minute apart, the two loops' rates drifted by 1.5x on this shared VM
-  and the ratio of one setting moved between 0.80 and 1.09 from run to run; paired, it repeats to +-0.02.)
+  the median over the runs. (Run in turn, a minute apart, the two loops' rates drifted by 1.5x on this shared VM,
+  and one commit's ring8 ratio came out at 0.80-0.82 in some processes and 0.99-1.12 in others; paired, it
+  repeats at 0.82-0.85.)
 - **GFLOP/s** of the 32x32 DCGAN step (``torch.utils.flop_counter``) beside this machine's float32 matmul rate
   (a 2048x2048 sgemm) measured in the same run.
 - **evaluation**: one evaluation's seconds and its share of a default run (``max_steps`` generator steps at the
