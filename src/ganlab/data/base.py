@@ -21,7 +21,6 @@ from typing import Any, Literal
 import pytorch_lightning as pl
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, IterableDataset
 
 from ganlab.metrics.protocol import ModeMetric
 
@@ -78,8 +77,11 @@ def describe(data: InMemoryData) -> dict[str, Any]:
     }
 
 
-class _Ticks(IterableDataset):
-    """An endless stream of integers: one item per generator step. The module samples its own real batches."""
+class Ticks:
+    """An endless stream of integers: one item per generator step. The module samples its own real batches.
+
+    A plain iterable, not a ``DataLoader``: Lightning takes any iterable, and a ``DataLoader`` would only add its
+    own per-item machinery (~55 us a step, ~0.5 % of a ring8 step) to hand over an integer nobody reads."""
 
     def __iter__(self) -> Iterator[int]:
         return itertools.count()
@@ -116,8 +118,8 @@ class InMemoryData(pl.LightningDataModule):
         if self.train_x is None:
             self.train_x, self.train_y, self.test_x, self.test_y = self.load()
 
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(_Ticks(), batch_size=None)
+    def train_dataloader(self) -> Ticks:
+        return Ticks()
 
     # -- conversions ------------------------------------------------------------------------------------------
     @property
