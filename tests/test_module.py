@@ -199,3 +199,19 @@ def test_a_loss_scaling_precision_keeps_lightnings_backward() -> None:
     assert not backward_is_plain(SimpleNamespace(**{**vars(plain), "precision_plugin": scaled}), module)
     assert not backward_is_plain(SimpleNamespace(**{**vars(plain), "callbacks": [BackwardHooks()]}), module)
     assert not step_is_plain(SimpleNamespace(**{**vars(plain), "precision_plugin": scaled}), module)
+
+
+def test_per_step_attribute_writes_skip_nn_module_bookkeeping_and_nothing_else(monkeypatch) -> None:
+    from ganlab.tasks.gan import GANModule
+
+    module, probe = build(compose_cfg(TINY)), torch.nn.Linear(1, 1)
+    seen: list[str] = []
+    inner = torch.nn.Module.__setattr__
+    monkeypatch.setattr(torch.nn.Module, "__setattr__", lambda self, k, v: (seen.append(k), inner(self, k, v))[1])
+    for name in GANModule._PLAIN_ATTRIBUTES:
+        setattr(module, name, 7)
+        assert module.__dict__[name] == 7  # a plain attribute: never a parameter, buffer or submodule
+        assert name not in {*module._parameters, *module._buffers, *module._modules}
+    assert seen == []  # Lightning's ~20 writes of _current_fx_name a step skip nn.Module's __setattr__
+    module.probe = probe  # any other name still goes through it: a submodule is registered
+    assert seen == ["probe"] and "probe" in module._modules

@@ -133,6 +133,17 @@ class GANModule(pl.LightningModule):
         # this process's place in a DDP run (set in ``setup`` from the Trainer; one process: rank 0 of 1)
         self.rank, self.world_size = 0, 1
 
+    # Plain Python attributes written several times a step: Lightning's ``_current_fx_name`` (twice per hook call,
+    # ~20 writes a step) and the step counters. None is ever a parameter, buffer or submodule, so nn.Module's
+    # ``__setattr__`` bookkeeping (~2 us a write: three dict look-ups and isinstance checks) is skipped for them.
+    _PLAIN_ATTRIBUTES = frozenset({"_current_fx_name", "g_step", "d_updates"})
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in GANModule._PLAIN_ATTRIBUTES:
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
+
     # -- helpers ----------------------------------------------------------------------------------------------
     def step_rng(self, step: int) -> torch.Generator:
         """The random stream of generator step ``step`` of this rank, on this module's device."""
