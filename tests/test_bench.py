@@ -177,6 +177,9 @@ def test_paired_blocks_interleave_equal_plain_steps_after_the_warm_up_and_before
     module = bench.fit(cfg, 12, tmp_path, paired)
     # blocks end at generator steps 2, 4, 6, 8, 10 (12 is the last step: it saves and samples); 2, 4: warm-up
     assert module.g_step == 12 and paired.plain.n_g == 5 * 2 and paired.plain.n_d == 5 * 2 * module.schedule.count("D")
-    assert len(paired.pairs) == 3 and all(p > 0 and q > 0 for p, q in paired.pairs)
+    # per block: pipeline seconds, plain seconds, and the part of the pipeline's seconds inside training_step
+    assert len(paired.pairs) == 3 and all(0 < inside < pipe and plain > 0 for pipe, plain, inside in paired.pairs)
+    assert "training_step" not in module.__dict__  # the step's timer is gone after the run
     speed, _ = bench.compare("ring8 MLP b256", ["data=ring8", "model=mlp", "metrics=none"], 12, 1, tmp_path, block=2)
     assert speed.ratio == pytest.approx(speed.pipeline / speed.plain)  # one round: the rates of the same steps
+    assert speed.step_ratio > speed.ratio and speed.outside_ms > 0  # the step alone is closer to the plain loop

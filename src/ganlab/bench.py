@@ -10,7 +10,9 @@ Prints one table, every figure measured in this run:
   the same seconds of the machine. The ratio is plain seconds over pipeline seconds for the same steps, per run;
   the median over the runs. (Run in turn, a minute apart, the two loops' rates drifted by 1.5x on this shared VM,
   and one commit's ring8 ratio came out at 0.80-0.82 in some processes and 0.99-1.12 in others; paired, it
-  repeats at 0.82-0.85.)
+  repeats at 0.82-0.85.) Two more columns split the pipeline's seconds (CPU only): the plain loop against the time
+  inside ``training_step`` alone (the GAN step the module runs) and the milliseconds a step spent around it
+  (Lightning's loop, the callbacks, previews and checkpoints), a fixed cost that weighs most on the smallest step.
 - **GFLOP/s** of the 32x32 DCGAN step (``torch.utils.flop_counter``) beside this machine's float32 matmul rate
   (a 2048x2048 sgemm) measured in the same run.
 - **evaluation**: one evaluation's seconds and its share of a default run (``max_steps`` generator steps at the
@@ -30,6 +32,7 @@ import contextlib
 import copy
 import functools
 import io
+import math
 import os
 import statistics
 import subprocess
@@ -273,20 +276,40 @@ def plain_rate(module: Any, cfg: Any, steps: int, warmup: int) -> float:
 def _paired_blocks(block: int, warmup: int) -> Any:
     """A callback that runs the plain loop *inside* the pipeline's run: after every ``block`` pipeline steps,
     ``block`` :class:`PlainLoop` steps on copies of the module's initial nets. ``pairs`` holds (pipeline seconds,
-    plain seconds) per block, from the first block that ends after ``warmup`` to the last one before the final
-    step (which saves and samples). Both halves of a pair see the same seconds of a noisy machine, so their ratio
-    holds where rates measured a minute apart do not (on this shared VM they drift by 1.5x within minutes)."""
+    plain seconds, seconds inside the pipeline's ``training_step``) per block, from the first block that ends after
+    ``warmup`` to the last one before the final step (which saves and samples). Both halves of a pair see the same
+    seconds of a noisy machine, so their ratio holds where rates measured a minute apart do not (on this shared VM
+    they drift by 1.5x within minutes).
+
+    The time inside ``training_step`` splits the pipeline's seconds into the GAN step itself and what runs around
+    it (Lightning's loop, the callbacks, previews and checkpoints). It is taken on the CPU only (NaN on a GPU,
+    where timing each step would need a device sync that changes what is timed)."""
     import pytorch_lightning as pl
 
     class PairedBlocks(pl.Callback):
         def __init__(self) -> None:
-            self.pairs: list[tuple[float, float]] = []
+            self.pairs: list[tuple[float, float, float]] = []
             self.plain: PlainLoop | None = None
-            self.mark = 0.0
+            self.mark = self.inside = 0.0
 
         def on_train_start(self, trainer: Any, module: Any) -> None:
             self.plain = PlainLoop.like(module, device())
+            if not _cuda():
+                step = module.training_step  # the bound method; restored at the end
+
+                def timed(*args: Any, **kwargs: Any) -> Any:
+                    t0 = time.perf_counter()
+                    out = step(*args, **kwargs)
+                    self.inside += time.perf_counter() - t0
+                    return out
+
+                module.training_step = timed
+            else:
+                self.inside = float("nan")
             self.mark = _now()
+
+        def on_train_end(self, trainer: Any, module: Any) -> None:
+            module.__dict__.pop("training_step", None)
 
         def on_train_batch_end(self, trainer: Any, module: Any, *args: Any) -> None:
             if module.g_step % block or module.g_step >= module.max_steps:
@@ -297,7 +320,9 @@ def _paired_blocks(block: int, warmup: int) -> Any:
                 self.plain.step()
             t_plain = _now()
             if module.g_step > warmup:
-                self.pairs.append((t_pipe - self.mark, t_plain - t_pipe))
+                self.pairs.append((t_pipe - self.mark, t_plain - t_pipe, self.inside))
+            if not math.isnan(self.inside):  # NaN on a GPU: not timed
+                self.inside = 0.0
             self.mark = _now()
 
     return PairedBlocks()
@@ -317,10 +342,16 @@ def _now() -> float:
 
 @dataclass
 class Speed:
+    """One setting's paired figures (medians over the rounds). ``step_ratio``: plain seconds over the seconds
+    inside the pipeline's ``training_step`` (the GAN step alone); ``outside_ms``: the pipeline's milliseconds a
+    step around it (Lightning's loop, callbacks, previews, checkpoints). Both NaN on a GPU."""
+
     setting: str
     pipeline: float
     plain: float
     ratio: float
+    step_ratio: float = float("nan")
+    outside_ms: float = float("nan")
 
 
 def compare(
@@ -328,22 +359,23 @@ def compare(
 ) -> tuple[Speed, Any]:
     """Pipeline and plain loop interleaved in blocks of ``block`` steps (default: ~40 blocks a run), ``rounds``
     runs. Per round: each loop's steps/s over the paired blocks, and their ratio (the same steps on each side,
-    so the ratio of their summed seconds); the medians over the rounds."""
+    so the ratio of their summed seconds), the step-alone ratio and the time around the step; the medians over
+    the rounds."""
     cfg = compose(overrides)
     warmup = max(2, steps // 5)
     block = block or max(1, steps // 40)
     if steps - warmup < 2 * block:
         raise ValueError(f"{name}: {steps} steps leave fewer than 2 blocks of {block} after {warmup} warm-up steps")
-    pipe, plain, ratios, module = [], [], [], None
+    rows: list[tuple[float, float, float, float, float]] = []
+    module = None
     for r in range(rounds):
         paired = _paired_blocks(block, warmup)
         module = fit(cfg, steps, workdir / f"{name.split()[0]}_{r}", paired)
-        t_pipe, t_plain = (sum(t) for t in zip(*paired.pairs, strict=True))
+        t_pipe, t_plain, t_inside = (sum(t) for t in zip(*paired.pairs, strict=True))
         n = block * len(paired.pairs)
-        pipe.append(n / t_pipe)
-        plain.append(n / t_plain)
-        ratios.append(t_plain / t_pipe)
-    return Speed(name, statistics.median(pipe), statistics.median(plain), statistics.median(ratios)), (cfg, module)
+        rows.append((n / t_pipe, n / t_plain, t_plain / t_pipe, t_plain / t_inside, 1e3 * (t_pipe - t_inside) / n))
+    medians = [statistics.median(column) for column in zip(*rows, strict=True)]
+    return Speed(name, *medians), (cfg, module)
 
 
 def matmul_gflops(n: int = 2048, reps: int = 5) -> float:
@@ -632,8 +664,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        emit("| setting | pipeline G steps/s | plain loop G steps/s | ratio |")
-        emit("|---|---|---|---|")
+        emit("| setting | pipeline G steps/s | plain loop G steps/s | ratio | training_step alone: ratio "
+             "| around it: ms a step |")  # fmt: skip
+        emit("|---|---|---|---|---|---|")
         results: dict[str, Any] = {}
         rates: dict[str, float] = {}
         for name, overrides in SETTINGS.items():
@@ -642,7 +675,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 continue
             speed, results[key] = compare(name, overrides, steps[key], rounds, work)
             rates[key] = speed.pipeline
-            emit(f"| {name} | {speed.pipeline:.3g} | {speed.plain:.3g} | {speed.ratio:.3f} |")
+            emit(f"| {name} | {speed.pipeline:.3g} | {speed.plain:.3g} | {speed.ratio:.3f} | {speed.step_ratio:.3f} "
+                 f"| {speed.outside_ms:.2f} |")  # fmt: skip
         module32 = None
         if "32x32" in results:
             cfg32, module32 = results["32x32"]
