@@ -215,3 +215,21 @@ def test_per_step_attribute_writes_skip_nn_module_bookkeeping_and_nothing_else(m
     assert seen == []  # Lightning's ~20 writes of _current_fx_name a step skip nn.Module's __setattr__
     module.probe = probe  # any other name still goes through it: a submodule is registered
     assert seen == ["probe"] and "probe" in module._modules
+
+
+def test_lightning_skips_the_ticks_batch_transfer_and_reads_training_steps_cached_signature(monkeypatch) -> None:
+    import inspect
+
+    from ganlab.tasks.gan import GANModule
+
+    def moved(*args, **kwargs):
+        raise AssertionError("Lightning ran its batch transfer on the ticks")
+
+    for hook in ("on_before_batch_transfer", "transfer_batch_to_device", "on_after_batch_transfer"):
+        monkeypatch.setattr(GANModule, hook, moved)
+    module = build(compose_cfg(TINY))
+    trainer = fit_in_process(module, 3)
+    assert module.g_step == 3 and trainer.global_step == 3 * module.schedule.optimizer_steps
+    # what inspect hands Lightning at every step without rebuilding it: the real parameters
+    assert "__signature__" in vars(GANModule.training_step)
+    assert inspect.getfullargspec(module.training_step).args == ["self", "batch", "batch_idx"]

@@ -280,7 +280,9 @@ def make_trainer(
         enable_checkpointing=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
-        log_every_n_steps=1,
+        # nothing is logged through Lightning's self.log (the module logs to the loggers itself): 0 spares its logger
+        # connector a pass over the (empty) step metrics every step
+        log_every_n_steps=0,
         # submitit requeues preempted jobs; Lightning's own SLURM auto-requeue would be a second mechanism
         plugins=[SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else None,
     )
