@@ -192,9 +192,17 @@ class PlainLoop:
         self.n_d = self.n_g = 0
 
     @classmethod
-    def like(cls, module: Any, device: str | torch.device = "cpu") -> PlainLoop:
-        """A plain loop on copies of ``module``'s nets, with its data, batch size, k and Adam settings."""
+    def like(
+        cls,
+        module: Any,
+        device: str | torch.device = "cpu",
+        wrap: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
+    ) -> PlainLoop:
+        """A plain loop on copies of ``module``'s nets, with its data, batch size, k and Adam settings; ``wrap``
+        (``channels_last``, ``torch.compile``) is applied to each copy before the loop is built."""
         G, D = copy.deepcopy(module.G).train(), copy.deepcopy(module.D).train()
+        if wrap is not None:
+            G, D = wrap(G), wrap(D)
         return cls(
             G,
             D,
@@ -257,20 +265,19 @@ def device() -> torch.device:
     return torch.device("cuda" if _cuda() else "cpu")
 
 
-def _tick(times: list[float]) -> Callable[[], None]:
-    """Record the time after a step (after the GPU finished it)."""
-    return lambda: times.append(_now())
+def _loop_rate(loop: PlainLoop, steps: int, warmup: int) -> float:
+    """Steady steps/s of ``loop`` run alone for ``steps`` steps (each timed after the device finished it)."""
+    times: list[float] = []
+    for _ in range(steps):
+        loop.step()
+        times.append(_now())
+    return steady_rate(times, warmup)
 
 
 def plain_rate(module: Any, cfg: Any, steps: int, warmup: int) -> float:
     """Steady steps/s of :class:`PlainLoop` alone, on fresh copies of ``module``'s nets."""
     set_threads(cfg)
-    loop, times = PlainLoop.like(module, device()), []
-    tick = _tick(times)
-    for _ in range(steps):
-        loop.step()
-        tick()
-    return steady_rate(times, warmup)
+    return _loop_rate(PlainLoop.like(module, device()), steps, warmup)
 
 
 def _paired_blocks(block: int, warmup: int) -> Any:
@@ -387,24 +394,19 @@ def matmul_gflops(n: int = 2048, reps: int = 5) -> float:
     a @ b
     best = float("inf")
     for _ in range(reps):
-        t0 = time.perf_counter()
+        t0 = _now()
         a @ b
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
+        best = min(best, _now() - t0)
     return 2 * n**3 / best / 1e9
 
 
 def step_gflop(module: Any) -> float:
-    """FLOP of one generator step of :func:`plain_loop` (k D updates + one G update) on ``module``'s nets."""
+    """FLOP of one generator step of :class:`PlainLoop` (k D updates + one G update) on ``module``'s nets."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    G, D = copy.deepcopy(module.G).train(), copy.deepcopy(module.D).train()
-    for p in [*G.parameters(), *D.parameters()]:
-        p.requires_grad_(True)
-    kw = dict(batch_size=module.batch_size, d_steps=module.schedule.count("D"), z_dim=module.z_dim)
+    loop = PlainLoop.like(module)
     with FlopCounterMode(display=False) as counter:
-        plain_loop(G, D, module.data, steps=1, optim_g=module.optim_g, optim_d=module.optim_d, **kw)
+        loop.step()
     return counter.get_total_flops() / 1e9
 
 
@@ -506,33 +508,24 @@ def option_rates(module: Any, steps: int) -> dict[str, str]:
 
     out: dict[str, str] = {}
 
-    def run(G: Any, D: Any, ctx: Any, data: Any = None) -> float:
-        times: list[float] = []
-        with ctx:
-            plain_loop(G, D, data or module.data, steps=steps, batch_size=module.batch_size,
-                       d_steps=module.schedule.count("D"), z_dim=module.z_dim, optim_g=module.optim_g,
-                       optim_d=module.optim_d, on_step=_tick(times), device=device())  # fmt: skip
-        return steady_rate(times, 1)
+    def run(ctx: Any = None, wrap: Callable[[torch.nn.Module], torch.nn.Module] | None = None) -> float:
+        loop = PlainLoop.like(module, device(), wrap)
+        with ctx or nullcontext():
+            return _loop_rate(loop, steps, 1)
 
-    def nets() -> tuple[Any, Any]:
-        G, D = copy.deepcopy(module.G).train(), copy.deepcopy(module.D).train()
-        for p in [*G.parameters(), *D.parameters()]:
-            p.requires_grad_(True)
-        return G, D
+    def channels_last(net: torch.nn.Module) -> torch.nn.Module:
+        net.channels_last = True  # activations too (the nets' model.channels_last flag)
+        return to_channels_last(net)
 
-    out["fp32"] = f"{run(*nets(), nullcontext()):.3g}"
-    G, D = nets()
-    G.channels_last = D.channels_last = True  # activations too (the nets' model.channels_last flag)
-    out["channels_last"] = f"{run(to_channels_last(G), to_channels_last(D), nullcontext()):.3g}"
+    out["fp32"] = f"{run():.3g}"
+    out["channels_last"] = f"{run(wrap=channels_last):.3g}"
     try:
-        out["bf16 autocast"] = f"{run(*nets(), torch.autocast(device().type, dtype=torch.bfloat16)):.3g}"
+        out["bf16 autocast"] = f"{run(torch.autocast(device().type, dtype=torch.bfloat16)):.3g}"
     except Exception as exc:  # an op without a bf16 kernel on this CPU
         out["bf16 autocast"] = f"fails: {type(exc).__name__}"
     try:
-        G, D = nets()
         t0 = time.perf_counter()
-        cg, cd = torch.compile(G), torch.compile(D)
-        rate = run(cg, cd, nullcontext())
+        rate = run(wrap=torch.compile)
         out["torch.compile"] = f"{rate:.3g} (incl. compile {time.perf_counter() - t0:.0f} s)"
     except Exception as exc:  # no C++ compiler, or an unsupported op
         out["torch.compile"] = f"fails: {type(exc).__name__}: {str(exc).splitlines()[0][:60]}"
@@ -718,7 +711,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             emit()
             emit("| 32x32 DCGAN plain loop, option | G steps/s |")
             emit("|---|---|")
-            for name, value in option_rates(module32, max(3, steps["32x32"] // 2)).items():
+            for name, value in option_rates(module32, max(4, steps["32x32"] // 2)).items():
                 emit(f"| {name} | {value} |")
             try:
                 bf16 = compose([*SETTINGS["32x32 DCGAN b64"], "trainer.precision=bf16-mixed"])
