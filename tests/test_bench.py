@@ -46,6 +46,9 @@ def test_steady_rate_skips_warmup_and_the_last_step() -> None:
     assert bench.steady_rate(times, 1) == pytest.approx(1.0)
     with pytest.raises(ValueError):
         bench.steady_rate(times[:3], 1)
+    # one clock reading per training_step call of several generator steps (model.steps_per_call): from the first
+    # reading past the warm-up (3 steps at 5 s) to the last-but-one (7 steps at 7 s)
+    assert bench.steady_rate([0.0, 5.0, 6.0, 7.0, 100.0], 1, steps=[1, 3, 5, 7, 8]) == pytest.approx(2.0)
 
 
 def test_synthetic_images_are_32x32_rgb_uint8() -> None:

@@ -3,6 +3,7 @@ own player, and a resumed run that continues exactly where it stopped."""
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -233,3 +234,72 @@ def test_lightning_skips_the_ticks_batch_transfer_and_reads_training_steps_cache
     # what inspect hands Lightning at every step without rebuilding it: the real parameters
     assert "__signature__" in vars(GANModule.training_step)
     assert inspect.getfullargspec(module.training_step).args == ["self", "batch", "batch_idx"]
+
+
+def test_several_steps_per_call_train_the_same_bits_and_act_on_the_same_steps(tmp_path: Path, monkeypatch) -> None:
+    # model.steps_per_call: one training_step call runs up to that many generator steps, cut short at every step a
+    # callback acts on (samples every 25, checkpoints every 30, evaluation every 100, a progress line every 10, the
+    # progress bar's losses every 7 = log_every) and at the budget. The records are the same bits as one step a call.
+    import csv
+
+    from ganlab.tasks.gan import GANModule
+
+    calls: list[int] = []
+    inner = GANModule.steps_this_call
+    monkeypatch.setattr(GANModule, "steps_this_call", lambda self: calls.append(inner(self)) or calls[-1])
+    common = [*TINY, "max_steps=200", "sample_every=25", "ckpt_every=30", "log_every=7", "metrics.eval_every=100"]
+    runs = {}
+    for n in (1, 7):
+        calls.clear()
+        summary = train(compose_cfg([*common, f"model.steps_per_call={n}"]), tmp_path / str(n))
+        runs[n] = summary, list(calls), tmp_path / str(n)
+    (one, calls1, dir1), (seven, calls7, dir7) = runs[1], runs[7]
+    assert calls1 == [1] * 200
+    # each call of the 7-step run stops at the first step due for a callback (the log steps too: the progress bar
+    # shows their losses), and only there or after 7 steps
+    due = {s for s in range(1, 201) if any(s % every == 0 for every in (7, 10, 25, 30, 100, 200))}
+    ends = list(itertools.accumulate(calls7))
+    assert sum(calls7) == 200 and max(calls7) == 7 and len(calls7) < 200 / 3
+    for start, end in zip([0, *ends], ends):
+        assert not due & set(range(start + 1, end)), (start, end)  # no due step inside a call
+        assert end in due or end - start == 7, (start, end)  # and no call shorter than it must be
+    assert one["final"] == seven["final"] and one["global_step"] == seven["global_step"] == 400
+
+    def rows(run_dir: Path) -> list[dict[str, str]]:  # eval/seconds is a timing, not a result
+        with (run_dir / "metrics.csv").open() as f:
+            return [{k: v for k, v in row.items() if k != "eval/seconds"} for row in csv.DictReader(f)]
+
+    assert rows(dir1) == rows(dir7) and len(rows(dir1)) > 28  # every 7th step's losses and both evaluations
+    samples = sorted(p.name for p in (dir1 / "samples").glob("*.png"))
+    assert samples == sorted(p.name for p in (dir7 / "samples").glob("*.png"))
+    assert samples == [f"step_{s:07d}.png" for s in range(25, 201, 25)]
+    for name in samples:
+        assert (dir1 / "samples" / name).read_bytes() == (dir7 / "samples" / name).read_bytes(), name
+    a = torch.load(dir1 / "checkpoints" / "last.ckpt", weights_only=False)
+    b = torch.load(dir7 / "checkpoints" / "last.ckpt", weights_only=False)
+    assert a["ganlab"]["g_step"] == b["ganlab"]["g_step"] == 200 and a["global_step"] == b["global_step"]
+    for key in a["state_dict"]:
+        assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
+    for sa, sb in zip(a["optimizer_states"], b["optimizer_states"], strict=True):
+        for pa, pb in zip(sa["state"].values(), sb["state"].values(), strict=True):
+            assert torch.equal(pa["exp_avg_sq"], pb["exp_avg_sq"])
+
+
+def test_a_callback_that_does_not_declare_its_cadence_gets_one_step_a_call() -> None:
+    from ganlab.tasks.gan import step_cadences
+
+    class Declared(pl.Callback):
+        step_cadence = (6, 4)
+
+    assert step_cadences([Declared(), Declared()]) == (4, 6)
+    assert step_cadences([Declared(), Spy()]) is None
+    for extra, steps in (([], 5), ([Spy()], 1)):
+        module = build(compose_cfg([*TINY, "max_steps=9", "model.steps_per_call=5"]))
+        fit_in_process(module, 9, [Declared(), *extra])
+        assert module.g_step == 9
+        assert module._call_steps == steps and module._cadences == ((4, 6) if steps > 1 else ())
+        # the next call from each step: up to 5 steps, to the next multiple of 4 or 6, to the budget of 9
+        expected = {0: 4, 4: 2, 6: 2, 8: 1} if steps > 1 else {0: 1, 4: 1, 6: 1, 8: 1}
+        for g_step, n in expected.items():
+            module.g_step = g_step
+            assert module.steps_this_call() == n, g_step

@@ -116,21 +116,28 @@ def _timer_callback() -> Any:
     import pytorch_lightning as pl
 
     class StepTimes(pl.Callback):
-        def __init__(self) -> None:
-            self.times: list[float] = []
+        step_cadence = ()  # reads the clock after any training_step call (model.steps_per_call steps or fewer)
 
-        def on_train_batch_end(self, *args: Any) -> None:
+        def __init__(self) -> None:
+            self.times: list[float] = []  # after each call
+            self.steps: list[int] = []  # the generator steps completed by then
+
+        def on_train_batch_end(self, trainer: Any, module: Any, *args: Any) -> None:
             self.times.append(_now())
+            self.steps.append(module.g_step)
 
     return StepTimes()
 
 
-def steady_rate(times: Sequence[float], warmup: int) -> float:
-    """Steps per second between step ``warmup`` and the last-but-one step (the last one saves and samples)."""
+def steady_rate(times: Sequence[float], warmup: int, steps: Sequence[int] | None = None) -> float:
+    """Steps per second from step ``warmup`` to the last-but-one clock reading (the last one saves and samples).
+    ``times[i]``: the clock after ``steps[i]`` steps (default: after each step, ``steps[i] = i + 1``)."""
+    steps = range(1, len(times) + 1) if steps is None else steps
     end = len(times) - 2
-    if end <= warmup:
-        raise ValueError(f"need more than {warmup + 2} steps to measure (got {len(times)})")
-    return (end - warmup) / (times[end] - times[warmup])
+    start = next((i for i, s in enumerate(steps) if s >= warmup + 1), end)
+    if end <= start:
+        raise ValueError(f"need more than {warmup + 2} steps to measure (got {len(times)} clock readings)")
+    return (steps[end] - steps[start]) / (times[end] - times[start])
 
 
 def fit(cfg: Any, steps: int, workdir: Path, instrument: Any) -> Any:
@@ -161,7 +168,7 @@ def pipeline_run(cfg: Any, steps: int, warmup: int, workdir: Path) -> tuple[floa
     """Steady steps/s of the pipeline alone for ``steps`` generator steps, and the trained module."""
     timer = _timer_callback()
     module = fit(cfg, steps, workdir, timer)
-    return steady_rate(timer.times, warmup), module
+    return steady_rate(timer.times, warmup, timer.steps), module
 
 
 class PlainLoop:
@@ -294,6 +301,8 @@ def _paired_blocks(block: int, warmup: int) -> Any:
     import pytorch_lightning as pl
 
     class PairedBlocks(pl.Callback):
+        step_cadence = (block,)  # a training_step call (model.steps_per_call) never runs past a block's end
+
         def __init__(self) -> None:
             self.pairs: list[tuple[float, float, float]] = []
             self.plain: PlainLoop | None = None

@@ -179,6 +179,12 @@ class SampleGrid(pl.Callback):
         self.dir, self.every = Path(run_dir) / "samples", every
         self._previews: Previews | None = None
 
+    @property
+    def step_cadence(self) -> tuple[int, ...]:
+        """Acts every ``every`` generator steps: a ``training_step`` call never runs past one of them
+        (``GANModule.steps_this_call``)."""
+        return (self.every,)
+
     def on_train_start(self, trainer: pl.Trainer, module: GANModule) -> None:
         frames = getattr(module.data, "frames", None)
         if frames:
@@ -229,6 +235,10 @@ class PeriodicCheckpoint(pl.Callback):
         self.path, self.every, self.fingerprint = Path(run_dir) / "checkpoints" / "last.ckpt", every, fingerprint
         self.saved_step: int | None = None  # the generator step of the newest last.ckpt written by this run
 
+    @property
+    def step_cadence(self) -> tuple[int, ...]:
+        return (self.every,)
+
     def save(self, trainer: pl.Trainer, module: GANModule) -> None:
         module.assert_finite()
         module.sync_buffers()
@@ -260,7 +270,8 @@ class PeriodicCheckpoint(pl.Callback):
 
 class Preemption(pl.Callback):
     """SIGTERM and SIGUSR2 (what SLURM sends before a time limit or a preemption) stop the run *between*
-    generator steps: the checkpoint of the step they arrived at is written, then
+    generator steps: at the end of the ``training_step`` call they arrived in (one step, or up to
+    ``model.steps_per_call`` short ones: ~0.1 s of a 2-D MLP run) the checkpoint of that step is written, then
     :class:`~ganlab.errors.Interrupted` ends the run (exit code 3, ``status: interrupted``).
 
     The handlers installed before ours (submitit's requeue on USR2) are kept in ``previous``; the pipeline calls
@@ -270,10 +281,12 @@ class Preemption(pl.Callback):
     DDP: a signal may reach one rank only (``kill`` of rank 0) or the ranks at different steps (SLURM), but they
     must stop at the same step. Each rank's flag is combined with the others' by an all-reduce on the CPU (a gloo
     group: no device sync) that is started after each step and read after the next one, so the loop never waits
-    for it and every rank stops one step after the first rank saw the signal.
+    for it and every rank stops one call after the first rank saw the signal (every rank runs the same steps
+    in each call).
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
+    step_cadence = ()  # any call's end will do: a signal stops the run after the call it arrived in
 
     def __init__(self, checkpoint: PeriodicCheckpoint) -> None:
         self.checkpoint = checkpoint
@@ -351,10 +364,17 @@ class StepProgress(pl.Callback):
     def __init__(self, lines: int = 20) -> None:
         self.lines = lines
         self.bar = None
+        self.print_every = 0  # a plain line every this many steps (set at the start of training)
+        self.postfix_every = 0  # the bar's loss fields: at each log step
+
+    @property
+    def step_cadence(self) -> tuple[int, ...]:
+        # both, whether this process draws a bar or not: every rank of a DDP run must cut its calls alike
+        return (self.print_every, self.postfix_every)
 
     def on_train_start(self, trainer: pl.Trainer, module: GANModule) -> None:
         self.t0, self.step0 = time.perf_counter(), module.g_step
-        self.print_every = max(1, module.max_steps // self.lines)
+        self.print_every, self.postfix_every = max(1, module.max_steps // self.lines), module.log_every
         if sys.stdout.isatty() and trainer.is_global_zero:
             from tqdm import tqdm
 
@@ -364,8 +384,8 @@ class StepProgress(pl.Callback):
         if not trainer.is_global_zero:
             return
         if self.bar is not None:
-            self.bar.update(1)
-            if _due(module, module.log_every):
+            self.bar.update(module.g_step - self.bar.n)  # the steps of this training_step call
+            if _due(module, self.postfix_every):
                 self.bar.set_postfix(self._fields(module), refresh=False)
         elif _due(module, self.print_every):
             rate = (module.g_step - self.step0) / max(time.perf_counter() - self.t0, 1e-9)

@@ -22,7 +22,7 @@ from torch import nn
 from ganlab.errors import UserError
 
 # model keys that do not change what the networks are (a resumed run may change them)
-_FREE_MODEL_KEYS = frozenset({"optim_g", "optim_d", "threads", "lr_decay", "lr_decay_from"})
+_FREE_MODEL_KEYS = frozenset({"optim_g", "optim_d", "threads", "lr_decay", "lr_decay_from", "steps_per_call"})
 # data keys that say where files live, not what the data is
 _FREE_DATA_KEYS = frozenset({"root", "download", "frames"})
 

@@ -98,6 +98,7 @@ def validate(cfg: DictConfig) -> None:
             raise UserError(f"model.{player}.betas must be two numbers in [0, 1) (got {betas})")
     if cfg.model.get("threads") is not None and cfg.model.threads != "auto":
         _positive_int("model.threads (or auto)", cfg.model.threads)
+    _positive_int("model.steps_per_call", cfg.model.get("steps_per_call", 1))
     trainer = cfg.trainer
     for key in _PIPELINE_TRAINER_KEYS:
         if key in trainer:
@@ -197,6 +198,7 @@ def _build(cfg: DictConfig) -> GANModule:
         lr_decay=cfg.model.lr_decay,
         lr_decay_from=cfg.model.get("lr_decay_from", 0.0),
         max_loss=cfg.get("max_loss", 1e6),
+        steps_per_call=cfg.model.get("steps_per_call", 1),
         _recursive_=False,
     )
 

@@ -71,6 +71,11 @@ class Evaluation(pl.Callback):
         self.seconds = 0.0
         self.interim_keys: set[str] = set()
 
+    @property
+    def step_cadence(self) -> tuple[int, ...]:
+        """Evaluates every ``eval_every`` generator steps (see ``GANModule.steps_this_call``)."""
+        return (self.every,)
+
     def n_samples_for(self, module: GANModule, final: bool = True) -> int:
         """Samples per evaluation: ``n_samples``, else the data set's protocol (its interim count before the end)."""
         if self.evaluator is not None:
