@@ -182,6 +182,19 @@ def test_a_preemption_signal_writes_the_checkpoint_of_its_step(signum: int, tmp_
     )
 
 
+def test_a_signal_during_a_call_of_several_steps_stops_at_its_end_with_that_steps_checkpoint(tmp_path: Path) -> None:
+    # model.steps_per_call=10 (the MLP default) and callbacks due every 10 steps at most: the call of steps 11-20
+    # runs on after the signal in step 14 and stops the run at 20, with step 20's checkpoint
+    cfg = compose_cfg([*RING, "max_steps=400", "log_every=10", "ckpt_every=100", "model.steps_per_call=10",
+                       "+tricks.sig._target_=test_records.SignalAt", "+tricks.sig.step=13",
+                       f"+tricks.sig.signum={int(signal.SIGTERM)}"])  # fmt: skip
+    with pytest.raises(Interrupted) as info:
+        train(cfg, tmp_path / "run")
+    assert info.value.step == 20 and _ckpt(tmp_path / "run")["ganlab"]["g_step"] == 20
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["g_steps"] == 20
+
+
 def test_sigterm_on_the_command_line_exits_3_with_one_line(tmp_path: Path) -> None:
     run = tmp_path / "run"
     proc = _cli([*RING, "max_steps=100000", "ckpt_every=100000", "log_every=5"], run)
