@@ -303,3 +303,22 @@ def test_a_callback_that_does_not_declare_its_cadence_gets_one_step_a_call() -> 
         for g_step, n in expected.items():
             module.g_step = g_step
             assert module.steps_this_call() == n, g_step
+
+
+def test_the_progress_callback_cuts_calls_alike_with_or_without_its_bar(monkeypatch) -> None:
+    # a DDP run's ranks must run the same steps in each call (the preemption flags and checkpoints are collectives
+    # at call ends): rank 0 on a terminal draws a bar, the other ranks print nothing, and all declare one cadence
+    from types import SimpleNamespace
+
+    from ganlab.callbacks import StepProgress
+
+    module = SimpleNamespace(g_step=0, max_steps=400, log_every=7)
+    cadences = []
+    for tty, zero in ((True, True), (False, True), (True, False)):
+        monkeypatch.setattr("sys.stdout.isatty", lambda tty=tty: tty)
+        progress = StepProgress()
+        progress.on_train_start(SimpleNamespace(is_global_zero=zero), module)
+        assert (progress.bar is not None) == (tty and zero)
+        cadences.append(progress.step_cadence)
+        progress.on_train_end(None, module)
+    assert cadences == [(20, 7)] * 3  # a line every 400 / 20 steps; the bar's losses at each log step
