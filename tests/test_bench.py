@@ -22,10 +22,13 @@ def test_plain_loop_and_pipeline_take_the_same_optimizer_steps(tmp_path: Path, d
     steps = 6
     _, module = bench.pipeline_run(cfg, steps, 1, tmp_path)
     assert (module.d_updates, module.g_step) == (d_steps * steps, steps)
-    n_d, n_g = bench.plain_loop(
-        module.G, module.D, module.data, steps=steps, batch_size=module.batch_size, d_steps=d_steps,
+    loop = bench.PlainLoop(
+        module.G, module.D, module.data, batch_size=module.batch_size, d_steps=d_steps,
         z_dim=module.z_dim, optim_g=module.optim_g, optim_d=module.optim_d,
     )  # fmt: skip
+    for _ in range(steps):
+        loop.step()
+    n_d, n_g = loop.n_d, loop.n_g
     assert (n_d, n_g) == (module.d_updates, module.g_step)
 
 
@@ -35,8 +38,8 @@ def test_plain_loop_updates_only_the_player_it_steps() -> None:
     module = build(bench.compose(["data=ring8", "model=mlp", "metrics=none"]))
     G, D = module.G, module.D
     before_g = [p.detach().clone() for p in G.parameters()]
-    bench.plain_loop(G, D, module.data, steps=1, batch_size=8, d_steps=1, z_dim=module.z_dim,
-                     optim_g=module.optim_g, optim_d=module.optim_d)  # fmt: skip
+    bench.PlainLoop(G, D, module.data, batch_size=8, d_steps=1, z_dim=module.z_dim,
+                    optim_g=module.optim_g, optim_d=module.optim_d).step()  # fmt: skip
     assert any(not torch.equal(a, b) for a, b in zip(before_g, G.parameters()))
     assert all(p.requires_grad for p in D.parameters())  # D is unfrozen again after the G update
 

@@ -248,25 +248,6 @@ class PlainLoop:
         self.n_g += 1
 
 
-def plain_loop(
-    G: torch.nn.Module,
-    D: torch.nn.Module,
-    data: InMemoryData,
-    *,
-    steps: int,
-    on_step: Callable[[], None] | None = None,
-    **settings: Any,
-) -> tuple[int, int]:
-    """``steps`` generator steps of :class:`PlainLoop` (``settings``: its keyword arguments), ``on_step`` after
-    each. Returns ``(D optimizer steps, G optimizer steps)``."""
-    loop = PlainLoop(G, D, data, **settings)
-    for _ in range(steps):
-        loop.step()
-        if on_step is not None:
-            on_step()
-    return loop.n_d, loop.n_g
-
-
 def device() -> torch.device:
     """Where both loops run: the GPU when there is one (the pipeline's ``trainer.accelerator=auto``)."""
     return torch.device("cuda" if _cuda() else "cpu")
