@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -322,3 +323,54 @@ def test_the_progress_callback_cuts_calls_alike_with_or_without_its_bar(monkeypa
         cadences.append(progress.step_cadence)
         progress.on_train_end(None, module)
     assert cadences == [(20, 7)] * 3  # a line every 400 / 20 steps; the bar's losses at each log step
+
+
+class _DevicelessFactories(torch.overrides.TorchFunctionMode):
+    """Records the tensor factories (``torch.tensor``, ``zeros``, ``arange``, ...) that ganlab's own code calls
+    with no ``device`` and no tensor to take one from: they make CPU tensors whatever device the run is on, and on
+    a GPU the first op that mixes one with the step's tensors fails (as ``lr/g`` once did at every log step)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from torch.utils._device import _device_constructors
+
+        self.factories = _device_constructors()
+        self.calls: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self.factories and kwargs.get("device") is None:
+            caller = sys._getframe(1)
+            if "ganlab" in Path(caller.f_code.co_filename).parts:
+                self.calls.append(f"{func.__name__} at {Path(caller.f_code.co_filename).name}:{caller.f_lineno}")
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        [*TINY, "loss=minimax", "tricks=[ema,historical_averaging,label_smoothing,spectral_norm]"],
+        [*TINY, "loss=feature_matching", "model.lr_decay=linear"],
+        [*TINY, "loss=minibatch_discrimination"],
+        [*TINY, "loss=ns_then_minimax"],
+        ["data=digits", "logger=csv", "batch_size=8", "tricks=[virtual_batch_norm,batch_norm_d]"],
+        ["data=digits", "logger=csv", "batch_size=8", "task=semi_supervised"],
+    ],
+    ids=["minimax+tricks", "feature_matching", "minibatch_discrimination", "ns_then_minimax", "vbn+bn", "ssl"],
+)
+def test_every_tensor_a_training_step_makes_names_its_device(tmp_path: Path, monkeypatch, overrides) -> None:
+    """CPU-checkable half of the GPU path: inside training_step (log steps included), no factory call of ganlab's
+    code leaves its tensor on the default device."""
+    from ganlab.tasks.gan import GANModule
+
+    mode = _DevicelessFactories()
+    original = GANModule.training_step
+
+    def watched(self, batch, batch_idx):
+        with mode:
+            return original(self, batch, batch_idx)
+
+    monkeypatch.setattr(GANModule, "training_step", watched)
+    cfg = compose_cfg([*overrides, "max_steps=3", "log_every=1", "metrics=none", "model.threads=1"])
+    assert train(cfg, tmp_path / "run")["status"] == "completed"
+    assert mode.calls == []

@@ -278,7 +278,7 @@ class GANModule(pl.LightningModule):
     @staticmethod
     def _grad_norm(net: nn.Module) -> Tensor:
         grads = [p.grad.detach().flatten() for p in net.parameters() if p.grad is not None]
-        return torch.cat(grads).norm() if grads else torch.zeros(())
+        return torch.cat(grads).norm() if grads else torch.zeros((), device=next(net.parameters()).device)
 
     def _penalties(self, player: Player, net: nn.Module) -> Tensor | None:
         terms = [t for t in (trick.penalty(player, net) for trick in self.tricks) if t is not None]
@@ -323,7 +323,7 @@ class GANModule(pl.LightningModule):
         if self.lr_decay == "linear":
             self._set_lr(self.lr_factor(), (opt_g, opt_d))
         if log_now:
-            logs["lr/g"] = torch.tensor(opt_g.param_groups[0]["lr"])
+            logs["lr/g"] = torch.tensor(opt_g.param_groups[0]["lr"], device=self.device)  # stacked with the rest
             self._log(logs)
 
     def lr_factor(self) -> float:
