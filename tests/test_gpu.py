@@ -84,6 +84,20 @@ def test_no_host_sync_in_a_training_step_outside_log_steps(tmp_path: Path) -> No
     assert len(checked) >= 20
 
 
+def test_the_finiteness_check_before_a_checkpoint_reads_state_on_both_devices() -> None:
+    """Adam keeps ``step`` on the CPU beside its moments on the GPU: the check spans both."""
+    from ganlab.checkpoint import all_finite
+
+    net = torch.nn.Linear(3, 4).cuda()
+    opt = torch.optim.Adam(net.parameters())
+    net(torch.randn(8, 3, device="cuda")).sum().backward()
+    opt.step()
+    assert {v.device.type for v in opt.state[net.weight].values()} == {"cpu", "cuda"}
+    assert all_finite([net], [opt])
+    opt.state[net.weight]["exp_avg"][0, 0] = float("inf")
+    assert not all_finite([net], [opt])
+
+
 def test_minibatch_discrimination_on_the_gpu_matches_the_cpu() -> None:
     from ganlab.tricks.minibatch_discrimination import MinibatchDiscrimination
 

@@ -302,3 +302,27 @@ def test_an_unreachable_wandb_server_delays_training_by_at_most_15_s(tmp_path: P
     # start and two generator steps; an uncapped attempt took 105 s
     assert summary["wall_time_s"] < 15 + 10, summary["wall_time_s"]
     assert list((run / "wandb").glob("offline-run-*/run-*.wandb"))
+
+
+def test_all_finite_reads_parameters_buffers_and_optimizer_state() -> None:
+    """The check before every checkpoint: a NaN or inf anywhere in the nets or Adam's state fails it (on a GPU the
+    state spans two devices: tests/test_gpu.py)."""
+    from ganlab.checkpoint import all_finite
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    opt = torch.optim.Adam(net.parameters())
+    net(torch.randn(8, 3)).sum().backward()
+    opt.step()
+    assert all_finite([net], [opt])
+    for poison in (
+        lambda: net[0].weight.data.__setitem__((0, 0), float("nan")),
+        lambda: net[1].running_var.__setitem__(0, float("inf")),
+        lambda: opt.state[net[0].bias]["exp_avg_sq"].__setitem__(0, float("nan")),
+    ):
+        saved = [t.clone() for t in (net[0].weight.data, net[1].running_var, opt.state[net[0].bias]["exp_avg_sq"])]
+        poison()
+        assert not all_finite([net], [opt])
+        net[0].weight.data.copy_(saved[0]), net[1].running_var.copy_(saved[1])
+        opt.state[net[0].bias]["exp_avg_sq"].copy_(saved[2])
+        assert all_finite([net], [opt])

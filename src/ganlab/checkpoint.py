@@ -95,14 +95,16 @@ def check_compatible(ckpt: Mapping[str, Any], current: Mapping[str, Any], path: 
 
 
 def all_finite(nets: list[nn.Module], optimizers: list[torch.optim.Optimizer]) -> bool:
-    """Whether every parameter, buffer and optimizer state tensor is finite (one host sync)."""
+    """Whether every parameter, buffer and optimizer state tensor is finite (one host sync per device: on a GPU,
+    Adam keeps its ``step`` counts on the CPU beside the moments on the GPU)."""
     tensors = [t for net in nets for t in (*net.parameters(), *net.buffers()) if t.is_floating_point()]
     for opt in optimizers:
         for state in opt.state.values():
             tensors += [v for v in state.values() if torch.is_tensor(v) and v.is_floating_point()]
-    if not tensors:
-        return True
-    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    for t in tensors:
+        by_device.setdefault(t.device, []).append(torch.isfinite(t).all())
+    return all(bool(torch.stack(flags).all()) for flags in by_device.values())
 
 
 def read_checkpoint_step(path: Path) -> int | None:
