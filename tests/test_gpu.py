@@ -128,3 +128,33 @@ def test_benchmark_runs_on_the_gpu(capsys: pytest.CaptureFixture[str]) -> None:
     assert bench.device().type == "cuda"
     assert bench.main(["--quick", "--settings", "digits", "--no-eval"]) == 0
     assert "| digits DCGAN b64 |" in capsys.readouterr().out
+
+
+def test_the_digits_evaluation_on_the_gpu_gives_the_cpu_numbers(tmp_path: Path) -> None:
+    """On a GPU, IS, KID and precision/recall take the dense route on the device (``fidelity_from_pass``); from the
+    same features (the GPU reference reads the CPU one's cache) they give the CPU route's numbers, and a reference
+    computed on the GPU has the k-NN radii the CPU's pruned search finds on its features."""
+    from ganlab.data import load_digits_uint8
+    from ganlab.metrics import fidelity as fm
+
+    train_x, _, test_x, _ = load_digits_uint8()
+
+    def stacked(images: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(seed)
+        return images[torch.randint(len(images), (n * 3,), generator=g), 0].reshape(n, 3, 8, 8)
+
+    real, fake = stacked(train_x, 1500, 1), stacked(test_x, 1000, 3)
+    fake[:250] = torch.randint(0, 256, (250, 3, 8, 8), generator=torch.Generator().manual_seed(4), dtype=torch.uint8)
+    refs = {dev: fm.DigitsReference(real, device=dev, cache_dir=tmp_path, cache_key_parts=("few", "train"))
+            for dev in ("cpu", "cuda")}  # fmt: skip
+    passed = fm.digits_pass(fake, refs["cpu"].net)
+    cpu = fm.fidelity_from_pass(passed, refs["cpu"], kid_subset_size=100)
+    gpu = fm.fidelity_from_pass(passed, refs["cuda"], kid_subset_size=100)
+    assert list(gpu) == list(cpu)
+    for key, value in cpu.items():
+        assert gpu[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
+    assert 0 < cpu["precision1000"] < 1 and 0 < cpu["recall1000"] < 1
+    fresh = fm.DigitsReference(real, device="cuda")  # no cache: features and radii computed with the GPU
+    features = fresh.features(1000)
+    want = fm.knn_radii(features, bound=fresh.bound())
+    torch.testing.assert_close(fresh.radii(1000), want, rtol=1e-12, atol=1e-6)

@@ -271,6 +271,40 @@ def test_shared_pass_gives_the_numbers_of_separate_computations(digits, n_real, 
     assert ev(fake) == shared  # the reference kept by the evaluator gives the same numbers again
 
 
+@pytest.mark.parametrize(("n_real", "n"), [(900, 400), (300, 400)])  # reference subset for PR / whole reference
+def test_the_dense_route_a_gpu_takes_gives_the_cpu_routes_numbers(digits, tmp_path, n_real, n):
+    """``fidelity_from_pass(dense=True)``, the route on a GPU (torch KID batched over subsets, IS from the logits on
+    the device, the whole distance matrix for precision/recall), run here on the CPU against the CPU route (numpy
+    KID, pruned k-NN): the same numbers up to the order of float64 sums."""
+    train_x, _, test_x, _ = digits
+    ref = fm.DigitsReference(_stacked(train_x, n_real, 1), cache_dir=tmp_path, cache_key_parts=("few", "train"))
+    fake = _stacked(test_x, n, 3)
+    fake[: n // 4] = _noise(n // 4, seed=4, c=3)  # off the data: precision < 1
+    fake[n // 4 : n // 4 + 20] = fake[n // 4]  # duplicates: ties in the k-NN radii
+    passed = fm.digits_pass(fake, ref.net)
+    cpu = fm.fidelity_from_pass(passed, ref, kid_subset_size=100)
+    assert cpu == fm.fidelity_from_pass(passed, ref, kid_subset_size=100, dense=False)  # the CPU's default
+    dense = fm.fidelity_from_pass(passed, ref, kid_subset_size=100, dense=True)
+    assert list(dense) == list(cpu)
+    for key, value in cpu.items():
+        assert dense[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
+    assert 0 < cpu[f"precision{n}"] < 1 and 0 < cpu[f"recall{n}"] < 1 and cpu[f"kid{n}"] > 0.01
+
+
+def test_kid_on_a_device_is_the_numpy_kid(digits):
+    """``KidPlan.on_device`` (what a GPU runs) against ``__call__``'s numpy on the same subsets, several subsets a
+    batched product or one."""
+    g = torch.Generator().manual_seed(0)
+    real = fm.DigitsReference(digits[0][:400]).features(400)
+    fake = 1.5 * real[:300] + torch.randn(300, 64, generator=g, dtype=torch.float64)
+    plan = fm.KidPlan.draw(len(fake), real, 50)
+    want = plan(fake, real)
+    for subsets in (1, 7, 100):
+        got = plan.on_device(fake, real, subsets=subsets)
+        assert got == pytest.approx(want, rel=1e-9)
+    assert want[0] > 0.1
+
+
 def test_the_cnn_pass_gives_the_same_bits_on_any_thread_count_and_batch():
     """The evaluator's pass (the run's threads, batches of 256) and torch-fidelity's route (one thread, batches of
     64) share cached reference features, so they must agree bit for bit, not just closely."""
