@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import sys
+import traceback
 from pathlib import Path
 
 import pytest
@@ -375,3 +376,65 @@ def test_every_tensor_a_training_step_makes_names_its_device(tmp_path: Path, mon
     cfg = compose_cfg([*overrides, "max_steps=3", "log_every=1", "metrics=none", "model.threads=1"])
     assert train(cfg, tmp_path / "run")["status"] == "completed"
     assert mode.calls == []
+
+
+def _torch_plumbing(filename: str) -> bool:
+    """A frame of torch's call machinery (dispatch modes, ``torch._dynamo.disable`` wrappers), not of an op."""
+    path = Path(filename).as_posix()
+    return any(
+        part in path
+        for part in ("torch/_compile.py", "torch/_dynamo/", "torch/utils/_python_dispatch", "torch/_ops.py")
+    )
+
+
+class _HostReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records every read of a tensor's value by ganlab's code (``.item()``, ``bool()``, ``float()``, a 0-dim
+    tensor passed where an op takes a Python number): ``aten::_local_scalar_dense``, the op each of them dispatches
+    to, called from a line of ganlab. On a GPU every such read waits for the device; here on the CPU it shows where
+    one would. Reads inside torch's own Python code are left out: Adam reads its ``step`` counter, which it keeps on
+    the CPU on a GPU too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            caller = next(f for f in reversed(traceback.extract_stack()[:-1]) if not _torch_plumbing(f.filename))
+            if "ganlab" in Path(caller.filename).parts:  # the Python line whose call needed the value
+                self.reads.append(f"{Path(caller.filename).name}:{caller.lineno}")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        [*TINY, "loss=minimax", "tricks=[ema,historical_averaging,label_smoothing,spectral_norm]"],
+        [*TINY, "loss=feature_matching", "model.lr_decay=linear"],
+        [*TINY, "loss=minibatch_discrimination"],
+        [*TINY, "loss=ns_then_minimax"],
+        ["data=digits", "logger=csv", "batch_size=8", "tricks=[virtual_batch_norm,batch_norm_d,ema]"],
+        ["data=digits", "logger=csv", "batch_size=8", "task=semi_supervised"],
+    ],
+    ids=["minimax+tricks", "feature_matching", "minibatch_discrimination", "ns_then_minimax", "vbn+bn+ema", "ssl"],
+)
+def test_no_host_read_in_a_training_step_outside_log_steps(tmp_path: Path, monkeypatch, overrides) -> None:
+    """CPU-checkable half of the GPU's no-sync test (``tests/test_gpu.py``, ``set_sync_debug_mode``): between log
+    steps, a training step reads no tensor value on the host. The first two steps may (lazy initialisation)."""
+    from ganlab.tasks.gan import GANModule
+    from ganlab.util import is_due
+
+    mode, original, checked = _HostReads(), GANModule.training_step, []
+
+    def watched(self, batch, batch_idx):
+        if is_due(self.g_step + 1, self.log_every, self.max_steps) or self.g_step < 2:
+            return original(self, batch, batch_idx)
+        checked.append(self.g_step)
+        with mode:
+            return original(self, batch, batch_idx)
+
+    monkeypatch.setattr(GANModule, "training_step", watched)
+    overrides = [*overrides, "max_steps=8", "log_every=4", "metrics=none", "model.threads=1", "model.steps_per_call=1"]
+    assert train(compose_cfg(overrides), tmp_path / "run")["status"] == "completed"
+    assert len(checked) == 4  # steps 3, 4, 6 and 7 (0-based g_step 2, 3, 5, 6)
+    assert mode.reads == []

@@ -48,13 +48,15 @@ class AveragedGenerator(nn.Module):
 
     @torch.no_grad()
     def update(self) -> None:
-        """Fold the live parameters into the average (one fused op over all tensors; no host sync: the decay
+        """Fold the live parameters into the average (one foreach call over all tensors; no host sync: the decay
         schedule reads a device counter)."""
         self.updates += 1
         t = self.updates.to(torch.float32)
         beta = torch.clamp((1 + t) / (10 + t), max=self.decay)
         live = [p.detach() for p in self.inner.parameters()]
-        torch._foreach_lerp_(self.averaged(), live, (1 - beta).to(live[0].dtype))
+        # the tensor-weights overload: a 0-dim tensor where the Scalar overload wants a number is read by the host
+        weight = (1 - beta).to(live[0].dtype)
+        torch._foreach_lerp_(self.averaged(), live, [weight] * len(live))
 
     def forward(self, z: Tensor) -> Tensor:
         if self.training:
