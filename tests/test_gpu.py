@@ -153,7 +153,7 @@ def test_the_digits_evaluation_on_the_gpu_gives_the_cpu_numbers(tmp_path: Path) 
     assert list(gpu) == list(cpu)
     for key, value in cpu.items():
         assert gpu[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
-    assert 0 < cpu["precision1000"] < 1 and 0 < cpu["recall1000"] < 1
+    assert 0 < cpu["precision1k"] < 1 and 0 < cpu["recall1k"] < 1
     fresh = fm.DigitsReference(real, device="cuda")  # no cache: features and radii computed with the GPU
     features = fresh.features(1000)
     want = fm.knn_radii(features, bound=fresh.bound())
