@@ -47,6 +47,7 @@ CASES: list[tuple[list[str], str]] = [
     (["model.threads=0"], "model.threads"),
     (["model.steps_per_call=0"], "model.steps_per_call"),
     (["model.steps_per_call=2.5"], "model.steps_per_call"),
+    (["model.steps_per_call=fast"], "model.steps_per_call"),
     (["model.noise=cauchy"], "model.noise"),
     (["model.lr_decay=cosine"], "model.lr_decay"),
     (["model.lr_decay_from=1"], "model.lr_decay_from"),

@@ -89,7 +89,7 @@ def test_no_host_sync_in_a_training_step_outside_log_steps(tmp_path: Path, overr
 
     GANModule.training_step = strict_step
     try:
-        _train(tmp_path, *overrides)
+        _train(tmp_path, "model.steps_per_call=1", *overrides)
     finally:
         GANModule.training_step = original
     assert len(checked) >= 20

@@ -287,6 +287,18 @@ def test_several_steps_per_call_train_the_same_bits_and_act_on_the_same_steps(tm
             assert torch.equal(pa["exp_avg_sq"], pb["exp_avg_sq"])
 
 
+def test_steps_per_call_auto_is_several_on_a_gpu_and_one_on_the_cpu() -> None:
+    from ganlab.tasks.gan import AUTO_STEPS_PER_CALL, resolve_steps_per_call
+
+    assert resolve_steps_per_call("auto", torch.device("cpu")) == 1
+    assert resolve_steps_per_call("auto", torch.device("cuda", 0)) == AUTO_STEPS_PER_CALL > 1
+    assert resolve_steps_per_call(7, torch.device("cpu")) == 7
+    module = build(compose_cfg(["data=digits", "logger=csv", "batch_size=8", "metrics=none"]))  # the conv default
+    assert module.steps_per_call == "auto"
+    fit_in_process(module, 3, [])
+    assert module._call_steps == 1 and module.g_step == 3
+
+
 def test_a_callback_that_does_not_declare_its_cadence_gets_one_step_a_call() -> None:
     from ganlab.tasks.gan import step_cadences
 

@@ -98,7 +98,8 @@ def validate(cfg: DictConfig) -> None:
             raise UserError(f"model.{player}.betas must be two numbers in [0, 1) (got {betas})")
     if cfg.model.get("threads") is not None and cfg.model.threads != "auto":
         _positive_int("model.threads (or auto)", cfg.model.threads)
-    _positive_int("model.steps_per_call", cfg.model.get("steps_per_call", 1))
+    if cfg.model.get("steps_per_call", 1) != "auto":
+        _positive_int("model.steps_per_call (or auto)", cfg.model.get("steps_per_call", 1))
     trainer = cfg.trainer
     for key in _PIPELINE_TRAINER_KEYS:
         if key in trainer:

@@ -74,7 +74,8 @@ class GANModule(pl.LightningModule):
         max_loss: a loss whose magnitude exceeds this counts as divergence, like a NaN (an exploded run would
             otherwise "complete" with a loss of 1e35).
         steps_per_call: generator steps per ``training_step`` call at most (see the module docstring); 1 in a
-            run with a callback that does not declare its ``step_cadence``.
+            run with a callback that does not declare its ``step_cadence``; ``auto``: see
+            :func:`resolve_steps_per_call`.
     """
 
     def __init__(
@@ -97,7 +98,7 @@ class GANModule(pl.LightningModule):
         lr_decay: str = "none",
         lr_decay_from: float = 0.0,
         max_loss: float = 1e6,
-        steps_per_call: int = 1,
+        steps_per_call: int | str = 1,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -132,9 +133,9 @@ class GANModule(pl.LightningModule):
         self.d_updates = 0  # completed discriminator updates
         self.last_logged: dict[str, float] = {}
         self.max_loss = float(max_loss)
-        if int(steps_per_call) < 1:
-            raise ValueError(f"model.steps_per_call must be >= 1 (got {steps_per_call!r})")
-        self.steps_per_call = int(steps_per_call)
+        if steps_per_call != "auto" and int(steps_per_call) < 1:
+            raise ValueError(f"model.steps_per_call must be >= 1 or auto (got {steps_per_call!r})")
+        self.steps_per_call: int | str = steps_per_call if steps_per_call == "auto" else int(steps_per_call)
         self._cadences: tuple[int, ...] = ()  # the intervals a call must not run past (set at the start of training)
         self._call_steps = 1  # steps_per_call, or 1 where a callback does not declare its cadence
         self._last_step = self.max_steps  # and the Trainer's own budget, where that is smaller (set at the start)
@@ -488,7 +489,7 @@ class GANModule(pl.LightningModule):
         self._direct_step = step_is_plain(self.trainer, self)
         cadences = step_cadences(self.trainer.callbacks)
         self._cadences = cadences or ()
-        self._call_steps = self.steps_per_call if cadences is not None else 1
+        self._call_steps = resolve_steps_per_call(self.steps_per_call, self.device) if cadences is not None else 1
         budget = self.trainer.max_steps  # in optimizer steps; -1: none
         self._last_step = self.max_steps if budget < 0 else min(self.max_steps, budget // self.schedule.optimizer_steps)
         if self.lr_decay == "linear":  # also after a resume: the optimizer state holds the saved lr anyway
@@ -500,6 +501,20 @@ class GANModule(pl.LightningModule):
         torch.set_rng_state(state["torch_rng"])
         for trick, trick_state in zip(self.tricks, state["tricks"], strict=True):
             trick.load_state_dict(trick_state)
+
+
+AUTO_STEPS_PER_CALL = 10  # steps a call for steps_per_call=auto on an accelerator
+
+
+def resolve_steps_per_call(setting: int | str, device: torch.device) -> int:
+    """``model.steps_per_call``: a number as it is; ``auto`` (the conv nets' default) gives
+    :data:`AUTO_STEPS_PER_CALL` on a GPU and 1 on the CPU. On an H200 a digits DCGAN step takes ~7 ms, and
+    Lightning's fixed cost a call is several per cent of it (paired against the plain loop: 0.974 with 10 steps a
+    call, 0.927 and 0.954 with 1). On the CPU a conv step takes 20 ms to seconds, so the call's cost does not show,
+    while each step more a call is a step more before a SIGTERM stops the run (up to ~20 s at 10 steps of 32x32)."""
+    if setting == "auto":
+        return AUTO_STEPS_PER_CALL if torch.device(device).type != "cpu" else 1
+    return int(setting)
 
 
 def step_cadences(callbacks: Sequence[pl.Callback]) -> tuple[int, ...] | None:
