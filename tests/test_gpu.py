@@ -133,7 +133,8 @@ def test_benchmark_runs_on_the_gpu(capsys: pytest.CaptureFixture[str]) -> None:
 def test_the_digits_evaluation_on_the_gpu_gives_the_cpu_numbers(tmp_path: Path) -> None:
     """On a GPU, IS, KID and precision/recall take the dense route on the device (``fidelity_from_pass``); from the
     same features (the GPU reference reads the CPU one's cache) they give the CPU route's numbers, and a reference
-    computed on the GPU has the k-NN radii the CPU's pruned search finds on its features."""
+    computed on the GPU has the k-NN radii the CPU's pruned search finds on its features, and KID's reference
+    sums."""
     from ganlab.data import load_digits_uint8
     from ganlab.metrics import fidelity as fm
 
@@ -158,3 +159,5 @@ def test_the_digits_evaluation_on_the_gpu_gives_the_cpu_numbers(tmp_path: Path) 
     features = fresh.features(1000)
     want = fm.knn_radii(features, bound=fresh.bound())
     torch.testing.assert_close(fresh.radii(1000), want, rtol=1e-12, atol=1e-6)
+    sums = fm.KidPlan.draw(1000, fresh.features(1500), 100).real_sums  # numpy, on the CPU
+    torch.testing.assert_close(fresh.kid_plan(1000, 100).real_sums, sums, rtol=1e-12, atol=0)

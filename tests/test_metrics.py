@@ -303,6 +303,8 @@ def test_kid_on_a_device_is_the_numpy_kid(digits):
         got = plan.on_device(fake, real, subsets=subsets)
         assert got == pytest.approx(want, rel=1e-9)
     assert want[0] > 0.1
+    # the reference side's sums, as KidPlan.draw computes them from a GPU's features
+    torch.testing.assert_close(fm.KidPlan._kernel_sums(real[plan.real_rows]), plan.real_sums, rtol=1e-12, atol=0)
 
 
 def test_the_cnn_pass_gives_the_same_bits_on_any_thread_count_and_batch():
