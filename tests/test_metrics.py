@@ -291,6 +291,22 @@ def test_the_dense_route_a_gpu_takes_gives_the_cpu_routes_numbers(digits, tmp_pa
     assert 0 < cpu[f"precision{n}"] < 1 and 0 < cpu[f"recall{n}"] < 1 and cpu[f"kid{n}"] > 0.01
 
 
+@pytest.mark.parametrize(("n", "c"), [(1003, 3), (500, 1), (40, 2)])
+def test_the_factored_inception_score_is_torch_fidelitys(n, c):
+    """IS from the per-channel factors against torch-fidelity's ``isc_features_to_metric`` of the materialised
+    ``[N, 10**C]`` joint log-probabilities: same shuffle, same splits (N need not divide by 10), same value."""
+    from torch_fidelity.metric_isc import isc_features_to_metric
+
+    g = torch.Generator().manual_seed(n)
+    logits = 3 * torch.randn(n, c, 10, generator=g)
+    logits[: n // 3, :, 0] += 6  # a favoured class on part of the rows: the splits' marginals differ
+    want = isc_features_to_metric(fm.joint_log_probs(logits), fm.IS_SPLITS, True, 2020)
+    got = fm.factored_inception_score(logits, fm.IS_SPLITS, True, 2020)
+    assert got[0] == pytest.approx(want[torch_fidelity.KEY_METRIC_ISC_MEAN], rel=1e-9)
+    assert got[1] == pytest.approx(want[torch_fidelity.KEY_METRIC_ISC_STD], rel=1e-7)
+    assert got[1] > 1e-3 * got[0]  # the splits differ: the std is not a trivial 0
+
+
 def test_kid_on_a_device_is_the_numpy_kid(digits):
     """``KidPlan.on_device`` (what a GPU runs) against ``__call__``'s numpy on the same subsets, several subsets a
     batched product or one."""

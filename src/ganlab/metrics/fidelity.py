@@ -139,6 +139,36 @@ def joint_log_probs(logits: Tensor) -> Tensor:
     return joint
 
 
+def factored_inception_score(
+    logits: Tensor, splits: int = IS_SPLITS, shuffle: bool = True, rng_seed: int = 2020
+) -> tuple[float, float]:
+    """torch-fidelity's ``isc_features_to_metric`` of :func:`joint_log_probs` ``(logits)``, without the ``[N, 10**C]``
+    joint array: p(y|x) is a product over the C channels, so its entropy is the sum of the channels' entropies, and
+    the split's marginal p(y) and the cross term sum_y p(y|x) log p(y) are two einsums over ``[n, 10]`` factors.
+    The same value up to float64 rounding (``tests/test_metrics.py``: 1e-9); on 26,000 stacked samples the joint
+    array is 208 MB of float64 that torch-fidelity's route passes over about ten times (0.54 s of a 7.9 s CPU
+    evaluation, profiled).
+
+    The rows are shuffled with ``RandomState(rng_seed)`` and cut in ``splits`` equal parts, as there.
+    """
+    n, c, _ = logits.shape
+    logp = F.log_softmax(logits.double(), dim=-1)  # [N, C, 10]
+    if shuffle:
+        logp = logp[torch.from_numpy(np.random.RandomState(rng_seed).permutation(n)).to(logp.device)]
+    p = logp.exp()
+    letters = "abcdefghij"[:c]
+    joint = ",".join(f"i{x}" for x in letters)  # "ia,ib,ic": the joint p(y|x), never materialised
+    scores = []
+    for i in range(splits):
+        part, lpart = p[i * n // splits : (i + 1) * n // splits], logp[i * n // splits : (i + 1) * n // splits]
+        factors = [part[:, j] for j in range(c)]
+        q = torch.einsum(f"{joint}->{letters}", *factors) / len(part)  # [10] * C: the split's marginal p(y)
+        cross = torch.einsum(f"{joint},{letters}->i", *factors, q.log())  # sum_y p(y|x) log p(y)
+        entropy = (part * lpart).sum((1, 2))  # sum_y p(y|x) log p(y|x)
+        scores.append((entropy - cross).mean().exp().item())
+    return float(np.mean(scores)), float(np.std(scores))
+
+
 if DIGITS_EXTRACTOR not in FEATURE_EXTRACTORS_REGISTRY:
     register_feature_extractor(DIGITS_EXTRACTOR, DigitsFeatureExtractor)
 
@@ -933,7 +963,6 @@ def fidelity_from_pass(
     (``tests/test_metrics.py``). FID's statistics stay numpy's on the CPU, as in torch-fidelity.
     """
     from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
-    from torch_fidelity.metric_isc import isc_features_to_metric
 
     n, n_real = len(fake), len(reference.real)
     if n < 2 or n_real < 2:
@@ -953,10 +982,10 @@ def fidelity_from_pass(
             value = fid_statistics_to_metric(stats, reference.fid_statistics(), False)[torch_fidelity.KEY_METRIC_FID]
             out[protocol_name("fid", n)] = value
         if isc:
-            logp = joint_log_probs(fake.logits.to(dev)) if dense else fake.joint_log_probs()
-            value = isc_features_to_metric(logp, IS_SPLITS, defaults["samples_shuffle"], defaults["rng_seed"])
-            out[protocol_name("is", n)] = value[torch_fidelity.KEY_METRIC_ISC_MEAN]
-            out[protocol_name("is", n) + "_std"] = value[torch_fidelity.KEY_METRIC_ISC_STD]
+            logits = fake.logits.to(dev) if dense else fake.logits
+            mean, std = factored_inception_score(logits, IS_SPLITS, defaults["samples_shuffle"], defaults["rng_seed"])
+            out[protocol_name("is", n)] = mean
+            out[protocol_name("is", n) + "_std"] = std
         if kid:
             m = min(kid_subset_size, n, n_real)
             plan, real = reference.kid_plan(n, m), reference.features(n_real)
