@@ -360,18 +360,23 @@ class _DevicelessFactories(torch.overrides.TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-@pytest.mark.parametrize(
+# every arm, the tricks and the semi-supervised task: the configs whose training step the two CPU-checkable halves
+# of the GPU path watch (tensors made without a device; host reads between log steps)
+STEP_CONFIGS = pytest.mark.parametrize(
     "overrides",
     [
         [*TINY, "loss=minimax", "tricks=[ema,historical_averaging,label_smoothing,spectral_norm]"],
         [*TINY, "loss=feature_matching", "model.lr_decay=linear"],
         [*TINY, "loss=minibatch_discrimination"],
         [*TINY, "loss=ns_then_minimax"],
-        ["data=digits", "logger=csv", "batch_size=8", "tricks=[virtual_batch_norm,batch_norm_d]"],
+        ["data=digits", "logger=csv", "batch_size=8", "tricks=[virtual_batch_norm,batch_norm_d,ema]"],
         ["data=digits", "logger=csv", "batch_size=8", "task=semi_supervised"],
     ],
-    ids=["minimax+tricks", "feature_matching", "minibatch_discrimination", "ns_then_minimax", "vbn+bn", "ssl"],
+    ids=["minimax+tricks", "feature_matching", "minibatch_discrimination", "ns_then_minimax", "vbn+bn+ema", "ssl"],
 )
+
+
+@STEP_CONFIGS
 def test_every_tensor_a_training_step_makes_names_its_device(tmp_path: Path, monkeypatch, overrides) -> None:
     """CPU-checkable half of the GPU path: inside training_step (log steps included), no factory call of ganlab's
     code leaves its tensor on the default device."""
@@ -418,18 +423,7 @@ class _HostReads(torch.utils._python_dispatch.TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize(
-    "overrides",
-    [
-        [*TINY, "loss=minimax", "tricks=[ema,historical_averaging,label_smoothing,spectral_norm]"],
-        [*TINY, "loss=feature_matching", "model.lr_decay=linear"],
-        [*TINY, "loss=minibatch_discrimination"],
-        [*TINY, "loss=ns_then_minimax"],
-        ["data=digits", "logger=csv", "batch_size=8", "tricks=[virtual_batch_norm,batch_norm_d,ema]"],
-        ["data=digits", "logger=csv", "batch_size=8", "task=semi_supervised"],
-    ],
-    ids=["minimax+tricks", "feature_matching", "minibatch_discrimination", "ns_then_minimax", "vbn+bn+ema", "ssl"],
-)
+@STEP_CONFIGS
 def test_no_host_read_in_a_training_step_outside_log_steps(tmp_path: Path, monkeypatch, overrides) -> None:
     """CPU-checkable half of the GPU's no-sync test (``tests/test_gpu.py``, ``set_sync_debug_mode``): between log
     steps, a training step reads no tensor value on the host. The first two steps may (lazy initialisation)."""
