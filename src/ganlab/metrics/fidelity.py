@@ -852,6 +852,7 @@ class DigitsReference:
         parts = cache_key_parts
         self.key = reference_cache_name(parts, DIGITS_EXTRACTOR, weights_id, self.real) if parts else None
         self._features: dict[int, Tensor] = {}  # m (rows of the reference used) -> features
+        self._on_device: dict[int, Tensor] = {}  # the same on the network's device (a GPU's dense route)
         self._radii: dict[int, Tensor] = {}
         self._fid_stats: dict | None = None
         self._bound: DistanceBound | None = None
@@ -905,6 +906,12 @@ class DigitsReference:
         """Where the network runs, and where :func:`fidelity_from_pass` computes by default."""
         return next(self.net.parameters()).device
 
+    def device_features(self, m: int) -> Tensor:
+        """:meth:`features` on :attr:`device`, copied there once per run (not at every evaluation)."""
+        if m not in self._on_device:
+            self._on_device[m] = self.features(m).to(self.device)
+        return self._on_device[m]
+
     def radii(self, m: int) -> Tensor:
         """k-NN radii of :meth:`features` ``(m)`` among themselves (precision's balls): pruned on the CPU, the whole
         distance matrix on a GPU (the same values up to the float64 rounding of the distances)."""
@@ -914,7 +921,7 @@ class DigitsReference:
 
             def compute() -> Tensor:
                 if self.device.type != "cpu":
-                    return knn_radii(self.features(m).to(self.device)).cpu()
+                    return knn_radii(self.device_features(m)).cpu()
                 return knn_radii(self.features(m), bound=self.bound())
 
             with _small_blas(DIGITS_EXTRACTOR):
@@ -929,7 +936,7 @@ class DigitsReference:
             defaults = torch_fidelity.defaults.DEFAULTS
             tag = f"kid{m}x{defaults['kid_subsets']}-n{n_fake}-seed{defaults['rng_seed']}"
             file = None if name is None else f"{name}-{DIGITS_EXTRACTOR}-{tag}.pt"
-            real = self.features(n_real).to(self.device)  # on a GPU, the reference side's sums are computed there
+            real = self.device_features(n_real)  # on a GPU, the reference side's sums are computed there
             with _small_blas(DIGITS_EXTRACTOR):
                 state = self._load_or(file, lambda: KidPlan.draw(n_fake, real, m).state())
             self._kid[(n_fake, m)] = KidPlan(**state)
@@ -988,8 +995,11 @@ def fidelity_from_pass(
             out[protocol_name("is", n) + "_std"] = std
         if kid:
             m = min(kid_subset_size, n, n_real)
-            plan, real = reference.kid_plan(n, m), reference.features(n_real)
-            mean, std = plan.on_device(features, real.to(dev)) if dense else plan(features, real)
+            plan = reference.kid_plan(n, m)
+            if dense:
+                mean, std = plan.on_device(features, reference.device_features(n_real))
+            else:
+                mean, std = plan(features, reference.features(n_real))
             out[protocol_name("kid", n)] = mean
             out[protocol_name("kid", n) + "_std"] = std
         if prc:
@@ -997,7 +1007,7 @@ def fidelity_from_pass(
             bound = None if dense else reference.bound()
             precision, recall = precision_recall(
                 features,
-                reference.features(m).to(features.device),
+                reference.device_features(m) if dense else reference.features(m),
                 knn_radii(features, bound=bound),
                 reference.radii(m).to(features.device),
                 bound=bound,
