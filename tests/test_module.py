@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import sys
 import traceback
 from pathlib import Path
 
@@ -338,6 +337,22 @@ def test_the_progress_callback_cuts_calls_alike_with_or_without_its_bar(monkeypa
     assert cadences == [(20, 7)] * 3  # a line every 400 / 20 steps; the bar's losses at each log step
 
 
+def _torch_plumbing(filename: str) -> bool:
+    """A frame of torch's call machinery (dispatch modes, ``torch._dynamo.disable`` wrappers), not of an op."""
+    path = Path(filename).as_posix()
+    return any(
+        part in path
+        for part in ("torch/_compile.py", "torch/_dynamo/", "torch/utils/_python_dispatch", "torch/_ops.py")
+    )
+
+
+def _ganlab_caller() -> str | None:
+    """``file.py:line`` of the Python line that made the current torch call, when it is a line of ganlab's code (not
+    of torch's own Python, tests or libraries): the first frame outside torch's call machinery."""
+    caller = next(f for f in reversed(traceback.extract_stack()[:-2]) if not _torch_plumbing(f.filename))
+    return f"{Path(caller.filename).name}:{caller.lineno}" if "ganlab" in Path(caller.filename).parts else None
+
+
 class _DevicelessFactories(torch.overrides.TorchFunctionMode):
     """Records the tensor factories (``torch.tensor``, ``zeros``, ``arange``, ...) that ganlab's own code calls
     with no ``device`` and no tensor to take one from: they make CPU tensors whatever device the run is on, and on
@@ -354,9 +369,9 @@ class _DevicelessFactories(torch.overrides.TorchFunctionMode):
         kwargs = kwargs or {}
         follows = any(isinstance(a, torch.Tensor) for a in args)  # torch.as_tensor(t): t's device
         if func in self.factories and kwargs.get("device") is None and not follows:
-            caller = sys._getframe(1)
-            if "ganlab" in Path(caller.f_code.co_filename).parts:
-                self.calls.append(f"{func.__name__} at {Path(caller.f_code.co_filename).name}:{caller.f_lineno}")
+            caller = _ganlab_caller()
+            if caller is not None:
+                self.calls.append(f"{func.__name__} at {caller}")
         return func(*args, **kwargs)
 
 
@@ -395,15 +410,6 @@ def test_every_tensor_a_training_step_makes_names_its_device(tmp_path: Path, mon
     assert mode.calls == []
 
 
-def _torch_plumbing(filename: str) -> bool:
-    """A frame of torch's call machinery (dispatch modes, ``torch._dynamo.disable`` wrappers), not of an op."""
-    path = Path(filename).as_posix()
-    return any(
-        part in path
-        for part in ("torch/_compile.py", "torch/_dynamo/", "torch/utils/_python_dispatch", "torch/_ops.py")
-    )
-
-
 class _HostReads(torch.utils._python_dispatch.TorchDispatchMode):
     """Records every read of a tensor's value by ganlab's code (``.item()``, ``bool()``, ``float()``, a 0-dim
     tensor passed where an op takes a Python number): ``aten::_local_scalar_dense``, the op each of them dispatches
@@ -417,9 +423,9 @@ class _HostReads(torch.utils._python_dispatch.TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func is torch.ops.aten._local_scalar_dense.default:
-            caller = next(f for f in reversed(traceback.extract_stack()[:-1]) if not _torch_plumbing(f.filename))
-            if "ganlab" in Path(caller.filename).parts:  # the Python line whose call needed the value
-                self.reads.append(f"{Path(caller.filename).name}:{caller.lineno}")
+            caller = _ganlab_caller()  # the Python line whose call needed the value
+            if caller is not None:
+                self.reads.append(caller)
         return func(*args, **(kwargs or {}))
 
 
