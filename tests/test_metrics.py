@@ -523,3 +523,14 @@ def test_inception_path_with_a_local_weights_file(tmp_path, monkeypatch):
     assert set(out) == {"is10", "is10_std", "kid10", "kid10_std"}
     assert all(math.isfinite(v) for v in out.values()) and out["is10"] >= 1.0 - 1e-9 and out["kid10"] != 0.0
     assert sum(fm.REFERENCE_PASSES.values()) - before == 1
+
+
+def test_precision_and_recall_fractions_are_torch_fidelitys_float32_means_whatever_the_device() -> None:
+    # torch-fidelity reports mask.float().mean() on the CPU: the correctly rounded float32 count / n. A GPU's float32
+    # mean gave 918 of 1,000 one ulp away (0.91800004 against 0.91799998), so _fraction divides on the host.
+    for n in (7, 1000, 2000, 26_000):
+        for count in sorted({0, 1, n // 3, 918 % (n + 1), n - 1, n}):
+            mask = torch.zeros(n, dtype=torch.bool)
+            mask[:count] = True
+            assert fm._fraction(mask) == mask.float().mean().item(), (count, n)
+    assert fm._fraction(torch.arange(1000) < 918) == 0.9179999828338623 != 0.918  # the float32 value, not float64's
