@@ -83,8 +83,11 @@ def test_evaluation_share_counts_every_due_step() -> None:
 
 
 def test_evaluation_share_times_the_interim_protocol_before_the_last_evaluation(monkeypatch, tmp_path: Path) -> None:
-    # a data set whose evaluations before the last one use fewer samples (as stacked_digits: 2,000, then 26,000)
+    # a data set whose evaluations before the last one use fewer samples (as stacked_digits: 2,000, then 26,000);
+    # the module is evaluated on the benchmark's device (the H200 once timed a CPU evaluation: Lightning's teardown
+    # leaves the module on the CPU), here the meta device standing in for a GPU
     clock = [0.0]
+    seen: list[torch.device] = []
 
     class Callback:
         every = 1000
@@ -96,6 +99,7 @@ def test_evaluation_share_times_the_interim_protocol_before_the_last_evaluation(
             return 26_000 if final else 2_000
 
         def evaluate(self, trainer, module, final: bool = True) -> dict:
+            seen.append(module.device)
             clock[0] += 10.0 if final else 1.0  # seconds of the fake clock
             return {}
 
@@ -103,8 +107,9 @@ def test_evaluation_share_times_the_interim_protocol_before_the_last_evaluation(
 
     monkeypatch.setattr(ganlab.pipeline, "metrics_callback", lambda cfg: Callback())
     monkeypatch.setattr(bench.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(bench, "device", lambda: torch.device("meta"))
     cost = bench.eval_cost("ring8", 10, None, tmp_path, rate=100.0)  # default run: 2,000 steps, evaluations at 1k, 2k
-    assert cost.seconds == 10.0 and cost.evals == 2
+    assert cost.seconds == 10.0 and cost.evals == 2 and {d.type for d in seen} == {"meta"}
     assert cost.share == pytest.approx((10.0 + 1.0) / (2000 / 100.0 + 11.0))  # one interim, one final evaluation
 
 

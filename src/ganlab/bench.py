@@ -452,6 +452,7 @@ def eval_cost(data: str, steps: int, n_samples: int | None, workdir: Path, rate:
 
         set_threads(cfg)
         module = build(cfg)
+    module.to(device())  # a run evaluates where it trains (Lightning's teardown leaves the module on the CPU)
     callback = metrics_callback(cfg)
     callback.on_fit_start(None, module)
 
