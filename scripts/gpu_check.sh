@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The GPU path in under 5 minutes (186 s and 219 s on an H200 with --quick evaluations, 186 s with the full ones on
-# 2026-11-30, before the determinism test, ~40 s alone, joined the CUDA tests; each part has its own limit,
-# 150 + 130 + 120 s at most), on a CUDA machine: the CUDA-marked tests, then the benchmark on the GPU (one
+# The GPU path in under 5 minutes (on an H200: 186 s and 219 s with --quick evaluations; 186 s with the full ones on
+# 2026-11-30, before the ~40 s determinism test joined the CUDA tests; each part has its own limit, 150 + 130 + 120 s
+# at most), on a CUDA machine: the CUDA-marked tests, then the benchmark on the GPU (one
 # table: pipeline vs plain loop, the 32x32 step's GFLOP/s vs the GPU's float32 matmul, channels_last, bf16 and
 # torch.compile), then one evaluation per built-in data set on the GPU at its protocol's sample count
 # (stacked_digits: 26,000).
