@@ -76,6 +76,7 @@ def test_deterministic_mode_changes_no_number_on_the_cpu(tmp_path: Path, monkeyp
     import torch
 
     monkeypatch.setenv("GANLAB_CACHE", str(tmp_path))
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # Lightning sets it with the flag: undone after the test
     finals = {}
     before = torch.are_deterministic_algorithms_enabled()
     try:
