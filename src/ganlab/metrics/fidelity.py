@@ -762,14 +762,26 @@ class KidPlan:
     def _kernel_sum(x: np.ndarray, y: np.ndarray | None = None) -> float:
         """``sum_ij k(x_i, y_j)``, or without ``y`` the off-diagonal sum of ``k(x_i, x_j)``, for float64
         ``[m, d]`` rows; ``k(a, b) = (a . b * gamma + coef0) ** degree``, torch-fidelity's polynomial kernel (numpy's
-        float64 products here ran 1.4x torch's)."""
+        float64 products here ran 1.4x torch's).
+
+        The elementwise passes over the ``[m, m]`` kernel cost more than its product, so they are kept few: the
+        affine map in place, and at degree 3 the sum of cubes as ``vdot(k * k, k)`` (one temporary; BLAS's dot
+        adds the same products in another order). At m = 1,000, d = 192, two threads: 11.0 ms against 15.7 ms
+        (medians of 30, taking turns); a whole 26,000-sample KID (100 subsets) 1.30-1.68 s against 1.53-1.86 s."""
         defaults = torch_fidelity.defaults.DEFAULTS
         degree, coef0 = defaults["kid_kernel_poly_degree"], defaults["kid_kernel_poly_coef0"]
         gamma = defaults["kid_kernel_poly_gamma"] or 1.0 / x.shape[1]
-        k = np.matmul(x, (x if y is None else y).T) * gamma + coef0
-        power = k * k * k if degree == 3 else k**degree  # numpy's ** 3 took 2x as long as the products
-        total = float(power.sum())
-        return total if y is not None else total - float(np.trace(power))
+        k = np.matmul(x, (x if y is None else y).T)
+        k *= gamma
+        k += coef0
+        if degree == 3:  # numpy's ** 3 took 2x as long as the products
+            total = float(np.vdot(k * k, k))
+            diagonal = np.diagonal(k)
+            trace = float((diagonal * diagonal * diagonal).sum()) if y is None else 0.0
+        else:
+            power = k**degree
+            total, trace = float(power.sum()), float(np.trace(power))
+        return total if y is not None else total - trace
 
     @staticmethod
     def _kernel_sums(x: Tensor, y: Tensor | None = None, subsets: int = 10) -> Tensor:
