@@ -767,7 +767,8 @@ class KidPlan:
         The elementwise passes over the ``[m, m]`` kernel cost more than its product, so they are kept few: the
         affine map in place, and at degree 3 the sum of cubes as ``vdot(k * k, k)`` (one temporary; BLAS's dot
         adds the same products in another order). At m = 1,000, d = 192, two threads: 11.0 ms against 15.7 ms
-        (medians of 30, taking turns); a whole 26,000-sample KID (100 subsets) 1.30-1.68 s against 1.53-1.86 s."""
+        (medians of 30, taking turns); a whole 26,000-sample KID (100 subsets, synthetic features) 1.30-1.68 s against
+        1.53-1.86 s."""
         defaults = torch_fidelity.defaults.DEFAULTS
         degree, coef0 = defaults["kid_kernel_poly_degree"], defaults["kid_kernel_poly_coef0"]
         gamma = defaults["kid_kernel_poly_gamma"] or 1.0 / x.shape[1]
