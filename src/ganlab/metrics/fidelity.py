@@ -476,8 +476,8 @@ class DigitsPass:
 
     ``features``: float64 ``[N, 64 C]``, the extractor's ``features`` (FID/KID/precision/recall); ``logits``:
     float32 ``[N, C, 10]`` per-channel class logits, from which come the mode labels (:attr:`labels`, what
-    :func:`~ganlab.metrics.stacked.classify_channels` predicts) and the IS log-probabilities
-    (:meth:`joint_log_probs`, the extractor's ``logits_unbiased``).
+    :func:`~ganlab.metrics.stacked.classify_channels` predicts) and IS (:func:`factored_inception_score`, the
+    value torch-fidelity gets from the extractor's ``logits_unbiased``, :func:`joint_log_probs`).
     """
 
     def __init__(self, features: Tensor, logits: Tensor) -> None:
@@ -490,9 +490,6 @@ class DigitsPass:
     def labels(self) -> Tensor:
         """Predicted digit of every channel, ``int64 [N, C]``."""
         return self.logits.argmax(-1)
-
-    def joint_log_probs(self) -> Tensor:
-        return joint_log_probs(self.logits)
 
 
 _PREPACKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # net -> oneDNN copy of its body, or None
@@ -987,9 +984,10 @@ def fidelity_from_pass(
 
     ``dense``: IS, KID and precision/recall with torch on the reference network's device (a batched KID, the whole
     distance matrix), instead of the CPU route (numpy KID, pruned k-NN). The default: dense where that network
-    is on a GPU, on which the CPU route took 24 % of a default ``stacked_digits`` run on an H200 (the GPU does
-    its float64 products in milliseconds). Both give the same numbers up to the order of float64 sums
-    (``tests/test_metrics.py``). FID's statistics stay numpy's on the CPU, as in torch-fidelity.
+    is on a GPU. There the CPU route took 7.2 s (the reference's statistics built included) of a 23.8 s default
+    ``stacked_digits`` run on an H200, where the GPU does the float64 products in milliseconds. Both give the same
+    numbers up to the order of float64 sums (``tests/test_metrics.py``). FID's statistics stay numpy's on the CPU,
+    as in torch-fidelity.
     """
     from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
 
