@@ -166,8 +166,8 @@ def test_the_digits_evaluation_on_the_gpu_gives_the_cpu_numbers(tmp_path: Path) 
 def test_a_deterministic_gpu_run_repeats_bit_for_bit(tmp_path: Path) -> None:
     """``trainer.deterministic=true``: two runs of the same seed (each its own process, as the CLI runs them, so
     the flag and ``CUBLAS_WORKSPACE_CONFIG`` are set before the process first uses the GPU) end with the same weights
-    and the same final metrics,
-    evaluation included. Without it the H200 gave fid26k 712.2 and 570.4 for two default stacked_digits runs."""
+    and the same final metrics, evaluation included. Without it the H200 gave fid26k 712.2 and 570.4 for two
+    default stacked_digits runs."""
     from conftest import run_cli
 
     args = ["data=stacked_digits", "max_steps=100", "log_every=50", "metrics.eval_every=100", "logger=csv",
