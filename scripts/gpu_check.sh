@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The GPU path in under 5 minutes (on an H200: 186 s and 219 s with --quick evaluations; 186 s with the full ones on
-# 2026-11-30, before the ~40 s determinism test joined the CUDA tests; each part has its own limit, 150 + 130 + 120 s
+# The GPU path in about 5 minutes (on an H200: 186 s and 219 s with --quick evaluations; 186 s with the full ones on
+# 2026-11-30, before the ~40 s determinism test, the deterministic resume test (three short CLI runs) and the
+# deterministic host-sync case joined the CUDA tests; each part has its own limit, 200 + 130 + 120 s
 # at most), on a CUDA machine: the CUDA-marked tests, then the benchmark on the GPU (one
 # table: pipeline vs plain loop, the 32x32 step's GFLOP/s vs the GPU's float32 matmul, channels_last, bf16 and
 # torch.compile), then one evaluation per built-in data set on the GPU at its protocol's sample count
@@ -28,7 +29,7 @@ step() {  # step NAME SECONDS CMD...: run one part under its time limit, remembe
     [ "$rc" -eq 0 ] || status=$rc
 }
 # 1. the tests that need CUDA (torch.compile's first compile is most of it)
-step "CUDA tests" 150 "$PY" -m pytest -m cuda tests/test_gpu.py -q -p no:cacheprovider
+step "CUDA tests" 200 "$PY" -m pytest -m cuda tests/test_gpu.py -q -p no:cacheprovider
 # 2. the benchmark on the GPU: steady-state rates, compute rate, GPU-path options
 step "benchmark" 130 "$PY" -m ganlab.bench --quick --options --no-eval
 # 3. evaluation on the GPU: one evaluation's seconds and its share of a default run, per built-in data set

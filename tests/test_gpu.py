@@ -64,8 +64,9 @@ def test_compiled_nets_train(tmp_path: Path) -> None:
         ["loss=minibatch_discrimination"],
         ["loss=feature_matching"],
         ["tricks=[ema,historical_averaging,label_smoothing,virtual_batch_norm]"],
+        ["trainer.deterministic=true"],
     ],
-    ids=["non_saturating", "minibatch_discrimination", "feature_matching", "tricks"],
+    ids=["non_saturating", "minibatch_discrimination", "feature_matching", "tricks", "deterministic"],
 )
 def test_no_host_sync_in_a_training_step_outside_log_steps(tmp_path: Path, overrides: list[str]) -> None:
     """``torch.cuda.set_sync_debug_mode("error")`` raises on any synchronising call (``.item()``, ``bool()``,
@@ -88,10 +89,12 @@ def test_no_host_sync_in_a_training_step_outside_log_steps(tmp_path: Path, overr
             checked.append(self.g_step)
 
     GANModule.training_step = strict_step
+    deterministic = torch.are_deterministic_algorithms_enabled()
     try:
         _train(tmp_path, "model.steps_per_call=1", *overrides)
     finally:
         GANModule.training_step = original
+        torch.use_deterministic_algorithms(deterministic)  # trainer.deterministic=true sets it for the process
     assert len(checked) >= 20
 
 
@@ -183,3 +186,30 @@ def test_a_deterministic_gpu_run_repeats_bit_for_bit(tmp_path: Path) -> None:
     assert sa["final"] == sb["final"] and "fid2k" in sa["final"]
     for key, value in ca["state_dict"].items():
         assert torch.equal(value, cb["state_dict"][key]), key
+
+
+def test_a_deterministic_gpu_run_resumed_equals_the_uninterrupted_run(tmp_path: Path) -> None:
+    """``trainer.deterministic=true`` on a GPU: a run stopped at step 20 and resumed to 40 ends with the weights and
+    Adam moments of a run that went to 40 at once (each a CLI process, as the determinism test's runs are)."""
+    from conftest import run_cli
+
+    common = ["data=digits", "metrics=none", "logger=csv", "log_every=10", "ckpt_every=20", "seed=3",
+              "model.lr_decay=none", "trainer.deterministic=true"]  # fmt: skip
+    for name, args in (
+        ("full", ["max_steps=40"]),
+        ("first", ["max_steps=20"]),
+        ("second", ["max_steps=40", f"resume={tmp_path / 'first' / 'run'}"]),
+    ):
+        (tmp_path / name).mkdir()
+        proc = run_cli([*common, *args], tmp_path / name, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads((tmp_path / "second" / "run" / "summary.json").read_text())
+    assert summary["g_steps"] == 40 and summary["resumed_from"].endswith("last.ckpt")
+    a, b = (
+        torch.load(tmp_path / n / "run" / "checkpoints" / "last.ckpt", weights_only=False) for n in ("full", "second")
+    )
+    for key, value in a["state_dict"].items():
+        assert torch.equal(value, b["state_dict"][key]), key
+    for sa, sb in zip(a["optimizer_states"], b["optimizer_states"], strict=True):
+        for pa, pb in zip(sa["state"].values(), sb["state"].values(), strict=True):
+            assert torch.equal(pa["exp_avg"], pb["exp_avg"]) and torch.equal(pa["exp_avg_sq"], pb["exp_avg_sq"])
