@@ -5,6 +5,7 @@ No speed is asserted here (a timed test fails on a busy machine); the figures ar
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 import time
@@ -194,3 +195,21 @@ def test_paired_blocks_interleave_equal_plain_steps_after_the_warm_up_and_before
     speed, _ = bench.compare("ring8 MLP b256", ["data=ring8", "model=mlp", "metrics=none"], 12, 1, tmp_path, block=2)
     assert speed.ratio == pytest.approx(speed.pipeline / speed.plain)  # one round: the rates of the same steps
     assert speed.step_ratio > speed.ratio and speed.outside_ms > 0  # the step alone is closer to the plain loop
+    assert speed.ratio_low <= speed.ratio <= speed.ratio_high  # the interval over the blocks holds the ratio
+
+
+def test_the_ratio_interval_is_the_spread_of_the_block_ratio_over_resampled_blocks() -> None:
+    # plain always 0.9x the pipeline's seconds: every resample gives 0.9
+    assert bench.ratio_interval([(t, 0.9 * t) for t in (1.0, 2.0, 3.0)]) == pytest.approx((0.9, 0.9))
+    g = torch.Generator().manual_seed(0)
+    pipe = 1 + torch.rand(400, generator=g, dtype=torch.float64)
+    plain = pipe * (0.95 + 0.1 * torch.rand(400, generator=g, dtype=torch.float64))  # block ratios 0.95-1.05
+    low, high = bench.ratio_interval(list(zip(pipe[:25].tolist(), plain[:25].tolist(), strict=True)))
+    low4, high4 = bench.ratio_interval(list(zip(pipe.tolist(), plain.tolist(), strict=True)))
+    whole = float(plain.sum() / pipe.sum())
+    assert 0.95 < low < whole < high < 1.05 and low4 < whole < high4
+    assert (high4 - low4) < 0.5 * (high - low)  # 16x the blocks: about a quarter of the width
+    # the same blocks, the same interval (a seeded resampling); the order of the pair matters
+    assert bench.ratio_interval(list(zip(pipe.tolist(), plain.tolist(), strict=True))) == (low4, high4)
+    assert bench.ratio_interval([(0.9 * t, t) for t in (1.0, 2.0)]) == pytest.approx((1 / 0.9, 1 / 0.9))
+    assert all(math.isnan(v) for v in bench.ratio_interval([(1.0, 0.9)]))  # one block: no spread to show

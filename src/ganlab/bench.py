@@ -2,17 +2,19 @@
 
 Prints one table, every figure measured in this run:
 
-- **steps/s**: steady-state generator steps per second of the pipeline (the real :class:`~ganlab.tasks.gan.GANModule`
-  built by :func:`ganlab.pipeline.build` and driven by a Lightning Trainer with the pipeline's settings, callbacks and
-  CSV logger) and of a plain PyTorch loop (:class:`PlainLoop`: the same nets, data, batch and Adam settings; k D
-  updates on fresh batches, then one G update), interleaved in one process: after every block of pipeline steps
-  the same number of plain steps runs inside the pipeline's run (:func:`compare`), so both halves of every pair see
-  the same seconds of the machine. The ratio is plain seconds over pipeline seconds for the same steps, per run;
-  the median over the runs. (Run in turn, a minute apart, the two loops' rates drifted by 1.5x on this shared VM,
-  and one commit's ring8 ratio came out at 0.80-0.82 in some processes and 0.99-1.12 in others; paired, it
-  repeats at 0.82-0.85.) Two more columns split the pipeline's seconds (CPU only): the plain loop against the time
-  inside ``training_step`` alone (the GAN step the module runs) and the milliseconds a step spent around it
-  (Lightning's loop, the callbacks, previews and checkpoints), a fixed cost that weighs most on the smallest step.
+- **steps/s**: steady-state generator steps per second of the pipeline (the real
+  :class:`~ganlab.tasks.gan.GANModule` built by :func:`ganlab.pipeline.build` and driven by a Lightning Trainer with
+  the pipeline's settings, callbacks and CSV logger) and of a plain PyTorch loop (:class:`PlainLoop`: the same nets,
+  data, batch and Adam settings; k D updates on fresh batches, then one G update), interleaved in one process: after
+  every block of pipeline steps the same number of plain steps runs inside the pipeline's run (:func:`compare`), so
+  both halves of every pair see the same seconds of the machine. The ratio is plain seconds over pipeline seconds
+  for the same steps, per run; the median over the runs. (Run in turn, a minute apart, the two loops' rates drifted
+  by 1.5x on this shared VM, and one commit's ring8 ratio came out at 0.80-0.82 in some processes and 0.99-1.12 in
+  others; paired, it repeats at 0.82-0.85.) Beside it, a 90 % bootstrap interval of the ratio over the paired blocks
+  of all the runs (:func:`ratio_interval`): a gap narrower than it is not shown by the run. Two more columns split
+  the pipeline's seconds (CPU only): the plain loop against the time inside ``training_step`` alone (the GAN step
+  the module runs) and the milliseconds a step spent around it (Lightning's loop, the callbacks, previews and
+  checkpoints), a fixed cost that weighs most on the smallest step.
 - **GFLOP/s** of the 32x32 DCGAN step (``torch.utils.flop_counter``) beside this machine's float32 matmul rate
   (a 2048x2048 sgemm) measured in the same run.
 - **evaluation**: one evaluation's seconds and its share of a default run (``max_steps`` generator steps at the
@@ -344,7 +346,8 @@ def _now() -> float:
 class Speed:
     """One setting's paired figures (medians over the rounds). ``step_ratio``: plain seconds over the seconds
     inside the pipeline's ``training_step`` (the GAN step alone); ``outside_ms``: the pipeline's milliseconds a
-    step around it (Lightning's loop, callbacks, previews, checkpoints). Both NaN on a GPU."""
+    step around it (Lightning's loop, callbacks, previews, checkpoints). Both NaN on a GPU. ``ratio_low``,
+    ``ratio_high``: the ratio's :func:`ratio_interval` over every paired block of every round."""
 
     setting: str
     pipeline: float
@@ -352,6 +355,25 @@ class Speed:
     ratio: float
     step_ratio: float = float("nan")
     outside_ms: float = float("nan")
+    ratio_low: float = float("nan")
+    ratio_high: float = float("nan")
+
+
+def ratio_interval(
+    pairs: Sequence[tuple[float, float]], level: float = 0.9, resamples: int = 2000, seed: int = 0
+) -> tuple[float, float]:
+    """How far the ratio of summed plain seconds to summed pipeline seconds moves with which blocks were timed:
+    the central ``level`` of its values over ``resamples`` bootstrap resamples of the ``(pipeline s, plain s)``
+    blocks (with replacement; a seeded generator, so the same blocks give the same interval). A gap between the
+    loops smaller than this spread is not shown by the run."""
+    t = torch.tensor(pairs, dtype=torch.float64).reshape(-1, 2)
+    if len(t) < 2:
+        return float("nan"), float("nan")
+    idx = torch.randint(len(t), (resamples, len(t)), generator=torch.Generator().manual_seed(seed))
+    ratios = t[idx, 1].sum(1) / t[idx, 0].sum(1)
+    tails = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
+    low, high = torch.quantile(ratios, tails).tolist()
+    return low, high
 
 
 def compare(
@@ -367,6 +389,7 @@ def compare(
     if steps - warmup < 2 * block:
         raise ValueError(f"{name}: {steps} steps leave fewer than 2 blocks of {block} after {warmup} warm-up steps")
     rows: list[tuple[float, float, float, float, float]] = []
+    blocks: list[tuple[float, float]] = []
     module = None
     for r in range(rounds):
         paired = _paired_blocks(block, warmup)
@@ -374,8 +397,9 @@ def compare(
         t_pipe, t_plain, t_inside = (sum(t) for t in zip(*paired.pairs, strict=True))
         n = block * len(paired.pairs)
         rows.append((n / t_pipe, n / t_plain, t_plain / t_pipe, t_plain / t_inside, 1e3 * (t_pipe - t_inside) / n))
+        blocks += [(pipe, plain) for pipe, plain, _ in paired.pairs]
     medians = [statistics.median(column) for column in zip(*rows, strict=True)]
-    return Speed(name, *medians), (cfg, module)
+    return Speed(name, *medians, *ratio_interval(blocks)), (cfg, module)
 
 
 def matmul_gflops(n: int = 2048, reps: int = 5) -> float:
@@ -657,9 +681,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        emit("| setting | pipeline G steps/s | plain loop G steps/s | ratio | training_step alone: ratio "
-             "| around it: ms a step |")  # fmt: skip
-        emit("|---|---|---|---|---|---|")
+        emit("| setting | pipeline G steps/s | plain loop G steps/s | ratio | 90 % interval "
+             "| training_step alone: ratio | around it: ms a step |")  # fmt: skip
+        emit("|---|---|---|---|---|---|---|")
         results: dict[str, Any] = {}
         rates: dict[str, float] = {}
         for name, overrides in SETTINGS.items():
@@ -668,7 +692,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 continue
             speed, results[key] = compare(name, overrides, steps[key], rounds, work)
             rates[key] = speed.pipeline
-            emit(f"| {name} | {speed.pipeline:.3g} | {speed.plain:.3g} | {speed.ratio:.3f} | {speed.step_ratio:.3f} "
+            emit(f"| {name} | {speed.pipeline:.3g} | {speed.plain:.3g} | {speed.ratio:.3f} "
+                 f"| {speed.ratio_low:.3f}-{speed.ratio_high:.3f} | {speed.step_ratio:.3f} "
                  f"| {speed.outside_ms:.2f} |")  # fmt: skip
         module32 = None
         if "32x32" in results:
