@@ -782,11 +782,11 @@ class KidPlan:
         for start in range(0, len(x), rows):
             k = scaled[start : start + rows] @ (x[start:] if y is None else y).T
             k += coef0
-            cubes = k * k
-            part = float(np.vdot(cubes, k))
+            squares = k * k
+            part = float(np.vdot(squares, k))
             if y is None:  # this block's rows from the diagonal on: twice, less the square on the diagonal once
                 b = len(k)
-                part = 2 * part - float((cubes[:, :b] * k[:, :b]).sum())
+                part = 2 * part - float((squares[:, :b] * k[:, :b]).sum())
                 diagonal = np.diagonal(k)
                 trace += float((diagonal * diagonal * diagonal).sum())
             total += part
