@@ -323,12 +323,15 @@ def test_kid_on_a_device_is_the_numpy_kid(digits):
     torch.testing.assert_close(fm.KidPlan._kernel_sums(real[plan.real_rows]), plan.real_sums, rtol=1e-12, atol=0)
 
 
-def test_kid_kernel_sums_in_blocks_of_rows_are_the_whole_kernels_sums():
+@pytest.mark.parametrize("degree", [3, 2])
+def test_kid_kernel_sums_in_blocks_of_rows_are_the_whole_kernels_sums(degree, monkeypatch):
     """KID's kernel sums taken a block of rows at a time (the generated side from the diagonal on, each block twice
-    less its square on the diagonal) against the whole kernel at once: any block size, one dividing m or not."""
+    less its square on the diagonal) against the whole kernel at once: any block size, one dividing m or not; the
+    protocol's cubic kernel and another degree torch-fidelity allows."""
+    monkeypatch.setitem(torch_fidelity.defaults.DEFAULTS, "kid_kernel_poly_degree", degree)
     g = torch.Generator().manual_seed(3)
     x, y = torch.rand(300, 24, generator=g, dtype=torch.float64), torch.rand(300, 24, generator=g, dtype=torch.float64)
-    k_xx, k_xy = (x @ x.T / 24 + 1) ** 3, (x @ y.T / 24 + 1) ** 3
+    k_xx, k_xy = (x @ x.T / 24 + 1) ** degree, (x @ y.T / 24 + 1) ** degree
     want_xx, want_xy = float(k_xx.sum() - k_xx.diagonal().sum()), float(k_xy.sum())
     for rows in (1, 7, 128, 300, 1000):
         assert fm.KidPlan._kernel_sum(x.numpy(), rows=rows) == pytest.approx(want_xx, rel=1e-13)

@@ -766,7 +766,8 @@ class KidPlan:
         Over the whole ``[m, m]`` kernel at once, the elementwise passes cost more than its product; here they are
         few and in cache: ``rows`` rows of the kernel at a time (``rows x m`` float64 stays in a core's L2),
         ``gamma`` folded into one side of the product, the affine map in place, and at degree 3 the sum of cubes as
-        ``vdot(k * k, k)`` (one temporary; BLAS's dot adds the same products in another order). Without ``y`` the
+        ``vdot(k * k, k)`` (one temporary; BLAS's dot adds the same products in another order); any other degree
+        takes the same blocks with numpy's power. Without ``y`` the
         kernel is symmetric: each block of rows is taken from the diagonal on, counted twice, less its square block
         on the diagonal (counted once), so a little over half the kernel is computed. At m = 1,000, d = 192, one
         BLAS thread: the generated side 5.1 ms against 10.1 ms for the whole kernel at once (medians of 30,
@@ -774,21 +775,19 @@ class KidPlan:
         defaults = torch_fidelity.defaults.DEFAULTS
         degree, coef0 = defaults["kid_kernel_poly_degree"], defaults["kid_kernel_poly_coef0"]
         gamma = defaults["kid_kernel_poly_gamma"] or 1.0 / x.shape[1]
-        if degree != 3:
-            power = (np.matmul(x, (x if y is None else y).T) * gamma + coef0) ** degree
-            return float(power.sum()) if y is not None else float(power.sum() - np.trace(power))
+
+        def power_sum(k: np.ndarray) -> float:  # sum of k ** degree; at degree 3 vdot(k * k, k), one temporary
+            return float(np.vdot(k * k, k)) if degree == 3 else float((k**degree).sum())
+
         scaled = x * gamma
         total = trace = 0.0
         for start in range(0, len(x), rows):
             k = scaled[start : start + rows] @ (x[start:] if y is None else y).T
             k += coef0
-            squares = k * k
-            part = float(np.vdot(squares, k))
+            part = power_sum(k)
             if y is None:  # this block's rows from the diagonal on: twice, less the square on the diagonal once
-                b = len(k)
-                part = 2 * part - float((squares[:, :b] * k[:, :b]).sum())
-                diagonal = np.diagonal(k)
-                trace += float((diagonal * diagonal * diagonal).sum())
+                part = 2 * part - power_sum(k[:, : len(k)])
+                trace += power_sum(np.diagonal(k))
             total += part
         return total - trace
 
