@@ -68,6 +68,19 @@ def compose_cfg(overrides: Sequence[str] = ()) -> DictConfig:
         return compose(config_name="config", overrides=list(overrides))
 
 
+def assert_same_training_state(a: dict, b: dict) -> None:
+    """Two loaded ``last.ckpt`` files hold the same weights and buffers and the same Adam moments, bit for bit:
+    what a resumed, re-run or repeated run must reproduce."""
+    import torch
+
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for key, value in a["state_dict"].items():
+        assert torch.equal(value, b["state_dict"][key]), key
+    for sa, sb in zip(a["optimizer_states"], b["optimizer_states"], strict=True):
+        for pa, pb in zip(sa["state"].values(), sb["state"].values(), strict=True):
+            assert torch.equal(pa["exp_avg"], pb["exp_avg"]) and torch.equal(pa["exp_avg_sq"], pb["exp_avg_sq"])
+
+
 def run_cli(
     args: Sequence[str], tmp_path: Path, env: dict[str, str] | None = None, timeout: int = 300
 ) -> subprocess.CompletedProcess:

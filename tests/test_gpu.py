@@ -171,7 +171,7 @@ def test_a_deterministic_gpu_run_repeats_bit_for_bit(tmp_path: Path) -> None:
     the flag and ``CUBLAS_WORKSPACE_CONFIG`` are set before the process first uses the GPU) end with the same weights
     and the same final metrics, evaluation included. Without it the H200 gave fid26k 712.2 and 570.4 for two
     default stacked_digits runs."""
-    from conftest import run_cli
+    from conftest import assert_same_training_state, run_cli
 
     args = ["data=stacked_digits", "max_steps=100", "log_every=50", "metrics.eval_every=100", "logger=csv",
             "metrics.n_samples=2000", "trainer.deterministic=true"]  # fmt: skip
@@ -184,14 +184,13 @@ def test_a_deterministic_gpu_run_repeats_bit_for_bit(tmp_path: Path) -> None:
         runs.append((json.loads((run / "summary.json").read_text()), torch.load(run / "checkpoints" / "last.ckpt")))
     (sa, ca), (sb, cb) = runs
     assert sa["final"] == sb["final"] and "fid2k" in sa["final"]
-    for key, value in ca["state_dict"].items():
-        assert torch.equal(value, cb["state_dict"][key]), key
+    assert_same_training_state(ca, cb)
 
 
 def test_a_deterministic_gpu_run_resumed_equals_the_uninterrupted_run(tmp_path: Path) -> None:
     """``trainer.deterministic=true`` on a GPU: a run stopped at step 20 and resumed to 40 ends with the weights and
     Adam moments of a run that went to 40 at once (each a CLI process, as the determinism test's runs are)."""
-    from conftest import run_cli
+    from conftest import assert_same_training_state, run_cli
 
     common = ["data=digits", "metrics=none", "logger=csv", "log_every=10", "ckpt_every=20", "seed=3",
               "model.lr_decay=none", "trainer.deterministic=true"]  # fmt: skip
@@ -208,8 +207,4 @@ def test_a_deterministic_gpu_run_resumed_equals_the_uninterrupted_run(tmp_path: 
     a, b = (
         torch.load(tmp_path / n / "run" / "checkpoints" / "last.ckpt", weights_only=False) for n in ("full", "second")
     )
-    for key, value in a["state_dict"].items():
-        assert torch.equal(value, b["state_dict"][key]), key
-    for sa, sb in zip(a["optimizer_states"], b["optimizer_states"], strict=True):
-        for pa, pb in zip(sa["state"].values(), sb["state"].values(), strict=True):
-            assert torch.equal(pa["exp_avg"], pb["exp_avg"]) and torch.equal(pa["exp_avg_sq"], pb["exp_avg_sq"])
+    assert_same_training_state(a, b)

@@ -12,7 +12,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from conftest import TINY, compose_cfg, fit_in_process
+from conftest import TINY, assert_same_training_state, compose_cfg, fit_in_process
 from ganlab.errors import Diverged
 from ganlab.pipeline import build, train
 
@@ -92,12 +92,7 @@ def test_resumed_run_continues_exactly_where_it_stopped(tmp_path: Path) -> None:
     assert resumed["resumed_from"].endswith("first/checkpoints/last.ckpt")
     a = torch.load(tmp_path / "full" / "checkpoints" / "last.ckpt", weights_only=False)
     b = torch.load(tmp_path / "second" / "checkpoints" / "last.ckpt", weights_only=False)
-    assert a["state_dict"].keys() == b["state_dict"].keys()
-    for key in a["state_dict"]:
-        assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
-    for sa, sb in zip(a["optimizer_states"], b["optimizer_states"]):
-        for pa, pb in zip(sa["state"].values(), sb["state"].values()):
-            assert torch.equal(pa["exp_avg"], pb["exp_avg"])
+    assert_same_training_state(a, b)
     assert full["final"] == resumed["final"]
     # the CSV of the resumed run starts after the checkpoint
     rows = (tmp_path / "second" / "metrics.csv").read_text().splitlines()
@@ -279,11 +274,7 @@ def test_several_steps_per_call_train_the_same_bits_and_act_on_the_same_steps(tm
     a = torch.load(dir1 / "checkpoints" / "last.ckpt", weights_only=False)
     b = torch.load(dir7 / "checkpoints" / "last.ckpt", weights_only=False)
     assert a["ganlab"]["g_step"] == b["ganlab"]["g_step"] == 200 and a["global_step"] == b["global_step"]
-    for key in a["state_dict"]:
-        assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
-    for sa, sb in zip(a["optimizer_states"], b["optimizer_states"], strict=True):
-        for pa, pb in zip(sa["state"].values(), sb["state"].values(), strict=True):
-            assert torch.equal(pa["exp_avg_sq"], pb["exp_avg_sq"])
+    assert_same_training_state(a, b)
 
 
 def test_steps_per_call_auto_is_several_on_a_gpu_and_one_on_the_cpu() -> None:

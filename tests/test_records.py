@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY, TRAIN, compose_cfg, wandb_records
+from conftest import TINY, TRAIN, assert_same_training_state, compose_cfg, wandb_records
 from ganlab.errors import Diverged, Interrupted, UserError
 from ganlab.pipeline import train
 from ganlab.tricks.base import Trick
@@ -120,9 +120,7 @@ def test_sigkill_at_a_random_moment_then_resume_in_place_equals_an_uninterrupted
     assert json.loads((run / "summary.json").read_text())["status"] == "running"
     resumed = train(compose_cfg([*args, "resume=auto"]), run)
     assert resumed["status"] == "completed"
-    a, b = _ckpt(tmp_path / "full"), _ckpt(run)
-    for key in a["state_dict"]:
-        assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
+    assert_same_training_state(_ckpt(tmp_path / "full"), _ckpt(run))
     assert resumed["final"] == {k: v for k, v in full["final"].items()} or all(
         resumed["final"][k] == v for k, v in full["final"].items() if k != "eval/seconds"
     )
