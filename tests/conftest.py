@@ -68,6 +68,22 @@ def compose_cfg(overrides: Sequence[str] = ()) -> DictConfig:
         return compose(config_name="config", overrides=list(overrides))
 
 
+@pytest.fixture
+def deterministic_mode_restored():
+    """For a test whose runs may set ``trainer.deterministic=true``: Lightning then turns on torch's process-wide
+    ``use_deterministic_algorithms`` and sets ``CUBLAS_WORKSPACE_CONFIG``. Both are as before once the test ends."""
+    import torch
+
+    name = "CUBLAS_WORKSPACE_CONFIG"
+    flag, value = torch.are_deterministic_algorithms_enabled(), os.environ.get(name)
+    yield
+    torch.use_deterministic_algorithms(flag)
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
+
+
 def assert_same_training_state(a: dict, b: dict) -> None:
     """Two loaded ``last.ckpt`` files hold the same weights and buffers and the same Adam moments, bit for bit:
     what a resumed, re-run or repeated run must reproduce."""

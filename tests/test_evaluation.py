@@ -69,25 +69,22 @@ def test_missing_inception_weights_file_is_one_line(tmp_path: Path) -> None:
     assert "Traceback" not in proc.stderr
 
 
-def test_deterministic_mode_changes_no_number_on_the_cpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_deterministic_mode_changes_no_number_on_the_cpu(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, deterministic_mode_restored: None
+) -> None:
     # trainer.deterministic=true (what a GPU run needs to repeat: torch.use_deterministic_algorithms) runs the whole
     # step and the stacked evaluation (bincount, topk, the pruned k-NN search) without an op that refuses it, and
     # on the CPU, deterministic already, gives the same bits
     import torch
 
     monkeypatch.setenv("GANLAB_CACHE", str(tmp_path))
-    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # Lightning sets it with the flag: undone after the test
     finals = {}
-    before = torch.are_deterministic_algorithms_enabled()
-    try:
-        for flag in ("false", "true"):
-            _train(
-                ["data=stacked_digits", "metrics.n_samples=300", f"trainer.deterministic={flag}", *FAST],
-                tmp_path / flag,
-            )
-            finals[flag] = json.loads((tmp_path / flag / "run" / "summary.json").read_text())["final"]
-            assert torch.are_deterministic_algorithms_enabled() is (flag == "true")  # Lightning set the flag
-    finally:
-        torch.use_deterministic_algorithms(before)
+    for flag in ("false", "true"):
+        _train(
+            ["data=stacked_digits", "metrics.n_samples=300", f"trainer.deterministic={flag}", *FAST],
+            tmp_path / flag,
+        )
+        finals[flag] = json.loads((tmp_path / flag / "run" / "summary.json").read_text())["final"]
+        assert torch.are_deterministic_algorithms_enabled() is (flag == "true")  # Lightning set the flag
     assert "fid300" in finals["true"] and "stacked_modes300" in finals["true"]
     assert finals["true"] == finals["false"]

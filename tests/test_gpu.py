@@ -68,7 +68,9 @@ def test_compiled_nets_train(tmp_path: Path) -> None:
     ],
     ids=["non_saturating", "minibatch_discrimination", "feature_matching", "tricks", "deterministic"],
 )
-def test_no_host_sync_in_a_training_step_outside_log_steps(tmp_path: Path, overrides: list[str]) -> None:
+def test_no_host_sync_in_a_training_step_outside_log_steps(
+    tmp_path: Path, overrides: list[str], deterministic_mode_restored: None
+) -> None:
     """``torch.cuda.set_sync_debug_mode("error")`` raises on any synchronising call (``.item()``, ``bool()``,
     ``float()`` of a device tensor, a non-blocking copy's wait) inside training_step between log steps. DCGAN on
     digits: one step a call (``model.steps_per_call: 1``), so a call between log steps holds no log step."""
@@ -89,12 +91,10 @@ def test_no_host_sync_in_a_training_step_outside_log_steps(tmp_path: Path, overr
             checked.append(self.g_step)
 
     GANModule.training_step = strict_step
-    deterministic = torch.are_deterministic_algorithms_enabled()
     try:
         _train(tmp_path, "model.steps_per_call=1", *overrides)
     finally:
         GANModule.training_step = original
-        torch.use_deterministic_algorithms(deterministic)  # trainer.deterministic=true sets it for the process
     assert len(checked) >= 20
 
 
