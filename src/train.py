@@ -6,12 +6,6 @@ one line and its own exit code: 2 bad input, 3 interrupted (a checkpoint of the 
 4 diverged (see ``ganlab.errors``).
 """
 
-import os
-
-# OpenMP reads this once, when torch starts its thread pool: threads that sleep at barriers instead of spinning keep
-# a run fast when another process holds a core (issue 12); it changes no result (same threads, same partition).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 from ganlab.train import main
 
 if __name__ == "__main__":

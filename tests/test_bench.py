@@ -123,8 +123,9 @@ def test_quick_benchmark_finishes_within_a_minute() -> None:
     assert time.perf_counter() - t0 < 60  # on an idle 2-core machine
 
 
-def test_the_shared_table_gives_each_child_the_variant_env_and_a_busy_neighbour(monkeypatch) -> None:
-    # fake children: the rate a thread setting would get, halved beside the busy process for 2 threads
+def test_the_shared_table_gives_each_child_the_variant_env_and_its_neighbour(monkeypatch) -> None:
+    # fake children: the rate a thread setting would get, halved beside the busy process for 2 threads; a
+    # governed auto run ends on 1 thread once a neighbour came, started first or later
     calls: list[tuple[dict[str, str], bool]] = []
     hogs: list[object] = []
 
@@ -141,41 +142,50 @@ def test_the_shared_table_gives_each_child_the_variant_env_and_a_busy_neighbour(
 
     def child(cmd, env, **kwargs):
         busy = any(h.alive for h in hogs)
+        later = env.get("GANLAB_BENCH_LATER") == "1"
         calls.append((env, busy))
         assert "OMP_NUM_THREADS" not in env  # auto must measure, not read the parent's setting
-        n = {"2": 2, "1": 1, "auto": 1 if busy else 2}[env["GANLAB_BENCH_THREADS"]]
-        rate = {2: 10.0 if not busy else 5.0, 1: 8.0}[n]
+        governed = env.get("GANLAB_BENCH_GOVERN") != "0"
+        n = {"2": 2, "1": 1, "auto": 1 if busy or (later and governed) else 2}[env["GANLAB_BENCH_THREADS"]]
+        rate = {2: 5.0 if busy or later else 10.0, 1: 8.0}[n]
         return subprocess.CompletedProcess(cmd, 0, stdout=f"noise\nRATE {rate} {n}\n", stderr="")
 
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
     monkeypatch.setattr(bench.subprocess, "Popen", Hog)
     monkeypatch.setattr(bench.subprocess, "run", child)
-    rows = {name: rest for name, *rest in bench.shared_rates(10, rounds=1)}
-    assert rows[bench.AUTO_VARIANT] == [10.0, 8.0, "2/1"]
-    assert rows[bench.BEFORE_VARIANT] == [10.0, 5.0, "2/2"]
-    assert [busy for _, busy in calls] == [False, True] * len(bench.SHARED_VARIANTS)
+    rows = {row.name: row for row in bench.shared_rates(10, rounds=1)}
+    assert rows[bench.AUTO_VARIANT] == bench.Shared(bench.AUTO_VARIANT, 10.0, 8.0, 8.0, "2/1/1")
+    assert rows[bench.BEFORE_VARIANT] == bench.Shared(bench.BEFORE_VARIANT, 10.0, 8.0, 5.0, "2/1/2")
+    # per setting: alone, beside a neighbour started first (busy here), then one the child starts itself
+    assert [busy for _, busy in calls] == [False, True, False] * len(bench.SHARED_VARIANTS)
+    assert [env.get("GANLAB_BENCH_LATER") for env, _ in calls[:3]] == [None, None, "1"]
     assert all(not h.alive for h in hogs)  # every busy neighbour is killed
-    assert calls[-1][0]["OMP_WAIT_POLICY"] == "PASSIVE"
+    by_variant = {name: calls[3 * i][0] for i, name in enumerate(bench.SHARED_VARIANTS)}
+    assert by_variant[bench.BEFORE_VARIANT]["OMP_WAIT_POLICY"] == "PASSIVE"
+    assert "OMP_WAIT_POLICY" not in by_variant[bench.AUTO_VARIANT]  # the governed default spins
     # two rounds: the settings take turns within each round, so a drift of the machine hits them alike
     calls.clear()
     bench.shared_rates(10, rounds=2)
-    order = [env["GANLAB_BENCH_THREADS"] + env.get("OMP_WAIT_POLICY", "") for env, busy in calls if not busy]
+    order = [env["GANLAB_BENCH_THREADS"] + env.get("GANLAB_BENCH_GOVERN", "") for env, busy in calls if not busy]
+    order = order[::2]  # alone and later are both without a neighbour at the start
     assert order == order[: len(bench.SHARED_VARIANTS)] * 2 and len(set(order)) == len(bench.SHARED_VARIANTS)
 
 
 def test_the_shared_verdict_measures_auto_alone_against_torchs_default_threads() -> None:
     # issue 12's "alone it loses <= 10 %" is against torch's own default threads (38.9 G steps/s when filed), not
-    # against the passive 2 threads that came between
+    # against the default before the governor
     shared = [
-        (bench.TORCH_DEFAULT_VARIANT, 20.0, 5.0, "2/2"),
-        (bench.BEFORE_VARIANT, 16.0, 8.0, "2/2"),
-        ("1 thread", 14.0, 13.0, "1/1"),
-        (bench.AUTO_VARIANT, 17.0, 12.75, "2/1"),
+        bench.Shared(bench.TORCH_DEFAULT_VARIANT, 20.0, 5.0, 6.0, "2/2/2"),
+        bench.Shared("1 thread", 14.0, 13.0, 13.5, "1/1/1"),
+        bench.Shared(bench.BEFORE_VARIANT, 16.0, 8.0, 9.6, "2/1/2"),
+        bench.Shared(bench.AUTO_VARIANT, 17.0, 12.75, 11.9, "2/1/1"),
     ]
     line = bench.shared_verdict(shared)
-    assert "auto keeps 75 % of its alone speed" in line and "before auto: 50 %" in line
-    assert "85 % of torch's default threads' rate (goal >= 90 %)" in line and "106 % of the rate before auto" in line
-    assert set(bench.SHARED_VARIANTS) == {name for name, *_ in shared}
+    assert "auto keeps 75 % of its alone speed" in line and "before the governor: 50 %" in line
+    assert "and 70 % with one that starts later (before: 60 %)" in line
+    assert "85 % of torch's default threads' rate (goal >= 90 %)" in line
+    assert "106 % of the rate before the governor" in line
+    assert set(bench.SHARED_VARIANTS) == {row.name for row in shared}
 
 
 def test_auto_is_resolved_once_so_pipeline_and_plain_loop_share_a_count(monkeypatch) -> None:

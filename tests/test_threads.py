@@ -1,4 +1,5 @@
-"""``model.threads=auto``: the cores other processes leave free when a run starts, kept across a resume."""
+"""``model.threads=auto``: the cores other processes leave free when a run starts and while it trains (the governor),
+recorded and kept across a resume."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -161,3 +163,111 @@ def test_importing_the_pipeline_here_leaves_torch_s_cuda_check_cheap() -> None:
     if torch.cuda._device_count_nvml() <= 0:
         assert os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK") == "0"
         assert not torch.cuda.is_available()
+
+
+def test_the_governor_drops_a_thread_at_once_and_adds_one_back_after_two_quiet_windows() -> None:
+    gov = threads.Governor(2, cores=2)
+    # others' load per window: a neighbour comes (0.65: two spinning threads leave it 2/3 of a core), stays (1.0,
+    # with one thread left to us), pauses for one window, comes back, then leaves for good
+    loads = [0.0, 0.65, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0]
+    assert [gov.decide(load) for load in loads] == [2, 1, 1, 1, 1, 1, 2, 2]
+    gov = threads.Governor(4, cores=4)
+    assert [gov.decide(load) for load in [2.6, 0.3, 0.3, 3.9]] == [1, 1, 4, 1]  # never below one thread
+
+
+def test_the_governor_looks_once_a_window_and_subtracts_its_own_cpu_time(monkeypatch) -> None:
+    clock = iter([0.0, 0.5, 1.2, 1.3, 2.5])
+    # /proc/stat over both cores (busy, total) and this process's CPU seconds at each look (HZ = 100)
+    jiffies = iter([(100, 1000), (290, 1200), (480, 1400)])
+    own = iter([SimpleNamespace(user=1.0, system=0.0), SimpleNamespace(user=2.5, system=0.1),
+                SimpleNamespace(user=2.9, system=0.1)])  # fmt: skip
+    monkeypatch.setattr(threads.os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr(threads, "_cpu_jiffies", lambda cpus: next(jiffies))
+    monkeypatch.setattr(threads.os, "times", lambda: next(own))
+    monkeypatch.setattr(threads.os, "sysconf", lambda name: 100)
+    monkeypatch.setattr(threads.time, "perf_counter", lambda: next(clock))
+    gov = threads.Governor(2, cores=2, window_s=1.0)
+    assert gov.poll() is None  # t=0: the first look only marks the start
+    assert gov.poll() is None  # t=0.5: inside the window, nothing read
+    # t=1.2: the cores were busy 190 of 200 jiffies, 160 of them this process's own: others kept
+    # (190 - 160) / 200 x 2 = 0.3 cores busy, so both threads stay
+    assert gov.poll() is None and gov.threads == 2
+    assert gov.poll() is None  # t=1.3
+    # t=2.5: others (190 - 40) / 200 x 2 = 1.5 cores: one thread left
+    assert gov.poll() == 1 and gov.threads == 1
+
+
+@pytest.mark.skipif(threads.usable_cores() < 2 or not Path("/proc/stat").exists(), reason="needs 2 cores, Linux")
+def test_the_governor_sees_a_cpu_bound_process_that_starts_during_the_run() -> None:
+    gov = threads.Governor(2, cores=2, window_s=0.5)
+    gov.poll()
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        changed = None
+        for _ in range(4):  # the first window may end before the neighbour runs
+            time.sleep(0.6)
+            changed = gov.poll() or changed
+    finally:
+        hog.kill()
+        hog.wait()
+    assert changed == 1 and gov.threads == 1
+
+
+def test_the_wait_policy_spins_only_where_the_governor_watches(monkeypatch) -> None:
+    for setting, omp, user, expected in [
+        ("auto", None, None, None),  # governed: OpenMP's spinning threads
+        ("auto", "1", None, "PASSIVE"),  # the launcher decided: nobody watches
+        (2, None, None, "PASSIVE"),
+        (None, None, None, "PASSIVE"),
+        (2, None, "ACTIVE", "ACTIVE"),  # the user's policy stays
+    ]:
+        for var, value in (("OMP_NUM_THREADS", omp), ("OMP_WAIT_POLICY", user)):
+            if value is None:
+                monkeypatch.delenv(var, raising=False)
+            else:
+                monkeypatch.setenv(var, value)
+        threads.wait_policy(setting)
+        assert os.environ.get("OMP_WAIT_POLICY") == expected, (setting, omp, user)
+
+
+class _Scripted:
+    """A stand-in for the governor: one change to 1 thread at its third look in this test, then none."""
+
+    looks = 0
+
+    def __init__(self, threads: int) -> None:
+        self.threads = threads
+
+    def poll(self) -> int | None:
+        _Scripted.looks += 1
+        return 1 if _Scripted.looks == 3 else None
+
+
+def test_a_governed_run_records_each_change_and_a_resume_starts_from_the_count_in_use(
+    tmp_path: Path, monkeypatch
+) -> None:
+    from ganlab import callbacks
+
+    monkeypatch.setattr(callbacks, "Governor", _Scripted)
+    monkeypatch.setattr(threads, "others_load", lambda probe_s=0.0: 0.0)  # a quiet machine at the start
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    before = torch.get_num_threads()
+    common = [*TINY, "model.threads=auto", "ckpt_every=2", "model.steps_per_call=1", "model.lr_decay=none"]
+    seen: list[int] = []
+    try:
+        first = train(compose_cfg([*common, "max_steps=6"]), tmp_path / "run")
+        ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
+        torch.set_num_threads(2)  # the resume must take the checkpoint's count, not the process's
+        monkeypatch.setattr(threads, "others_load", lambda probe_s=0.0: (seen.append(1), 0.0)[1])
+        resumed = train(compose_cfg([*common, "max_steps=8", "resume=auto"]), tmp_path / "run")
+        in_use = torch.get_num_threads()
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")  # decided by the caller: no governor
+        fixed = train(compose_cfg([*common, "max_steps=4"]), tmp_path / "fixed")
+    finally:
+        torch.set_num_threads(before)
+    assert first["threads"] == threads.usable_cores() and first["thread_changes"] == [[3, 1]]
+    assert ckpt["ganlab"]["threads"] == 1
+    assert [state["changes"] for key, state in ckpt["callbacks"].items() if "ThreadGovernor" in key] == [[[3, 1]]]
+    assert resumed["threads"] == 1 and in_use == 1 and not seen  # no new look at the start: the saved count
+    assert resumed["thread_changes"] == [[3, 1]] and resumed["g_steps"] == 8
+    assert fixed["thread_changes"] == [] and fixed["threads"] == 2

@@ -114,19 +114,29 @@ def set_threads(cfg: Any) -> None:
 
 
 # -- the two loops ------------------------------------------------------------------------------------------------
-def _timer_callback() -> Any:
+def busy_process() -> subprocess.Popen:
+    """One CPU-bound process (``while True: pass``), the neighbour of the shared-machine table."""
+    return subprocess.Popen([sys.executable, "-c", "while True: pass"])
+
+
+def _timer_callback(neighbour_at: int | None = None) -> Any:
+    """A callback that reads the clock after each ``training_step`` call; with ``neighbour_at``, it also starts a
+    :func:`busy_process` once that many generator steps are done (``neighbour``: the caller ends it)."""
     import pytorch_lightning as pl
 
     class StepTimes(pl.Callback):
-        step_cadence = ()  # reads the clock after any training_step call (model.steps_per_call steps or fewer)
+        step_cadence = (neighbour_at,) if neighbour_at else ()  # clock after any call; a call ends at neighbour_at
 
         def __init__(self) -> None:
             self.times: list[float] = []  # after each call
             self.steps: list[int] = []  # the generator steps completed by then
+            self.neighbour: subprocess.Popen | None = None
 
         def on_train_batch_end(self, trainer: Any, module: Any, *args: Any) -> None:
             self.times.append(_now())
             self.steps.append(module.g_step)
+            if neighbour_at and self.neighbour is None and module.g_step >= neighbour_at:
+                self.neighbour = busy_process()
 
     return StepTimes()
 
@@ -142,10 +152,11 @@ def steady_rate(times: Sequence[float], warmup: int, steps: Sequence[int] | None
     return (steps[end] - steps[start]) / (times[end] - times[start])
 
 
-def fit(cfg: Any, steps: int, workdir: Path, instrument: Any) -> Any:
+def fit(cfg: Any, steps: int, workdir: Path, instrument: Any, govern: bool = False) -> Any:
     """Train the pipeline for ``steps`` generator steps with one ``instrument`` callback after its own (a step
     timer or the paired plain loop: a second one would cost the pipeline a hook call per Lightning hook); the
-    trained module."""
+    trained module. ``model.threads=auto`` is decided once (:func:`set_threads`) and, unless ``govern``, not
+    watched during the run: the plain loop it is compared with runs on the same count."""
     import pytorch_lightning as pl
     from omegaconf import OmegaConf
 
@@ -156,6 +167,8 @@ def fit(cfg: Any, steps: int, workdir: Path, instrument: Any) -> Any:
     OmegaConf.set_struct(cfg, False)
     cfg.max_steps = steps
     set_threads(cfg)
+    if not govern and str(cfg.model.get("threads")) == "auto":
+        cfg.model.threads = torch.get_num_threads()  # no ThreadGovernor among the callbacks
     pl.seed_everything(cfg.seed, workers=False, verbose=False)
     module = build(cfg)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -166,10 +179,13 @@ def fit(cfg: Any, steps: int, workdir: Path, instrument: Any) -> Any:
     return module
 
 
-def pipeline_run(cfg: Any, steps: int, warmup: int, workdir: Path) -> tuple[float, Any]:
-    """Steady steps/s of the pipeline alone for ``steps`` generator steps, and the trained module."""
-    timer = _timer_callback()
-    module = fit(cfg, steps, workdir, timer)
+def pipeline_run(
+    cfg: Any, steps: int, warmup: int, workdir: Path, govern: bool = False, timer: Any = None
+) -> tuple[float, Any]:
+    """Steady steps/s of the pipeline alone for ``steps`` generator steps, and the trained module (``govern``:
+    see :func:`fit`; ``timer``: a :func:`_timer_callback` or one like it)."""
+    timer = timer or _timer_callback()
+    module = fit(cfg, steps, workdir, timer, govern)
     return steady_rate(timer.times, warmup, timer.steps), module
 
 
@@ -549,41 +565,68 @@ def option_rates(module: Any, steps: int) -> dict[str, str]:
 
 # -- shared CPU ---------------------------------------------------------------------------------------------------
 TORCH_DEFAULT_VARIANT = "2 threads (torch's own default: OpenMP threads spin)"  # issue 12's baseline (38.9 G steps/s)
-BEFORE_VARIANT = "2 threads, OMP_WAIT_POLICY=PASSIVE (the default before auto)"
-AUTO_VARIANT = "auto, OMP_WAIT_POLICY=PASSIVE (the default: src/train.py sets both)"
+BEFORE_VARIANT = "auto at the start only, OMP_WAIT_POLICY=PASSIVE (the default before the governor)"
+AUTO_VARIANT = "auto, watched by the governor, threads spin (the default)"
 SHARED_VARIANTS: dict[str, dict[str, str]] = {
     TORCH_DEFAULT_VARIANT: {"GANLAB_BENCH_THREADS": "2"},
-    BEFORE_VARIANT: {"GANLAB_BENCH_THREADS": "2", "OMP_WAIT_POLICY": "PASSIVE"},
     "1 thread": {"GANLAB_BENCH_THREADS": "1"},
-    AUTO_VARIANT: {"GANLAB_BENCH_THREADS": "auto", "OMP_WAIT_POLICY": "PASSIVE"},
+    BEFORE_VARIANT: {"GANLAB_BENCH_THREADS": "auto", "GANLAB_BENCH_GOVERN": "0", "OMP_WAIT_POLICY": "PASSIVE"},
+    AUTO_VARIANT: {"GANLAB_BENCH_THREADS": "auto"},
 }
+# where the run meets a CPU-bound process: none, one that was there first, one that starts at 40 % of the run
+SCENARIOS = ("alone", "beside", "later")
+LATER_AT, LATER_FROM = 0.4, 0.6  # the later neighbour starts at this fraction of the steps; timed from the second
 
 
 def _child_rate(steps: int) -> None:
-    """Child process: the default digits pipeline's steady steps/s, printed as ``RATE <x>``."""
+    """Child process: the default digits pipeline's steady steps/s, printed as ``RATE <x> <threads at the end>``.
+    ``GANLAB_BENCH_LATER=1``: a busy process starts at ``LATER_AT`` of the steps, and the rate is that of the steps
+    after ``LATER_FROM`` (the run's answer to it included)."""
     setting = os.environ.get("GANLAB_BENCH_THREADS", "")
+    govern = os.environ.get("GANLAB_BENCH_GOVERN", "1") != "0"
+    later = os.environ.get("GANLAB_BENCH_LATER") == "1"
     cfg = compose(["data=digits", "metrics=none", *([f"model.threads={setting}"] if setting else [])])
-    with tempfile.TemporaryDirectory() as tmp:
-        rate, _ = pipeline_run(cfg, steps, max(2, steps // 5), Path(tmp))
+    timer = _timer_callback(max(1, int(LATER_AT * steps)) if later else None)
+    warmup = int(LATER_FROM * steps) if later else max(2, steps // 5)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            rate, _ = pipeline_run(cfg, steps, warmup, Path(tmp), govern=govern, timer=timer)
+    finally:
+        if timer.neighbour is not None:
+            timer.neighbour.kill()
+            timer.neighbour.wait()
     print(f"RATE {rate} {torch.get_num_threads()}", flush=True)
 
 
-def shared_rates(steps: int, rounds: int) -> list[tuple[str, float, float, str]]:
-    """Per thread setting: (name, alone steps/s, beside one CPU-bound process steps/s, threads used alone/beside),
-    medians of ``rounds``. Each child starts after the busy process, as a run would start on a busy machine. The
-    settings take turns within each round (not one setting's rounds after another's), so a drift of the machine's
-    speed over the minutes of the table hits every setting alike."""
-    alone: dict[str, list[float]] = {name: [] for name in SHARED_VARIANTS}
-    beside: dict[str, list[float]] = {name: [] for name in SHARED_VARIANTS}
-    used: dict[str, dict[bool, set[str]]] = {name: {False: set(), True: set()} for name in SHARED_VARIANTS}
+@dataclass
+class Shared:
+    """One thread setting's shared-machine figures (medians over the rounds), G steps/s: ``alone``, ``beside`` a
+    busy process that was there first, with one that starts during the run (``later``); ``used``: the thread counts
+    it ended with, per scenario."""
+
+    name: str
+    alone: float
+    beside: float
+    later: float
+    used: str
+
+
+def shared_rates(steps: int, rounds: int) -> list[Shared]:
+    """Per thread setting, the default digits run alone, beside a CPU-bound process that starts first (as a run
+    starts on a busy machine) and with one that starts during the run (:data:`LATER_AT`). The settings take turns
+    within each round (not one setting's rounds after another's), so a drift of the machine's speed over the
+    minutes of the table hits every setting alike."""
+    rates: dict[tuple[str, str], list[float]] = {}
+    used: dict[tuple[str, str], set[str]] = {}
     for _ in range(rounds):
         for name, env in SHARED_VARIANTS.items():
-            for busy in (False, True):
-                hog = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if busy else None
+            for scenario in SCENARIOS:
+                hog = busy_process() if scenario == "beside" else None
+                later = {"GANLAB_BENCH_LATER": "1"} if scenario == "later" else {}
                 try:
                     res = subprocess.run(
                         [sys.executable, "-m", "ganlab.bench", "--child-rate", str(steps)],
-                        env={**{k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}, **env},
+                        env={**{k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}, **env, **later},
                         capture_output=True,
                         text=True,
                         check=True,
@@ -593,30 +636,30 @@ def shared_rates(steps: int, rounds: int) -> list[tuple[str, float, float, str]]
                         hog.kill()
                         hog.wait()
                 _, rate, n = next(ln for ln in res.stdout.splitlines() if ln.startswith("RATE")).split()
-                (beside if busy else alone)[name].append(float(rate))
-                used[name][busy].add(n)
+                rates.setdefault((name, scenario), []).append(float(rate))
+                used.setdefault((name, scenario), set()).add(n)
     return [
-        (
+        Shared(
             name,
-            statistics.median(alone[name]),
-            statistics.median(beside[name]),
-            "/".join(",".join(sorted(used[name][b])) for b in (False, True)),
+            *(statistics.median(rates[name, scenario]) for scenario in SCENARIOS),
+            "/".join(",".join(sorted(used[name, scenario])) for scenario in SCENARIOS),
         )
         for name in SHARED_VARIANTS
     ]
 
 
-def shared_verdict(shared: Sequence[tuple[str, float, float, str]]) -> str:
-    """The line under the shared-machine table: what ``auto`` keeps beside a busy process (goal >= 70 %), and its
-    speed alone against torch's own default threads, the baseline of the goal "alone it loses <= 10 %" (issue 12:
-    38.9 G steps/s then), and against the default before ``auto``."""
-    by_name = {name: (alone, beside) for name, alone, beside, _ in shared}
+def shared_verdict(shared: Sequence[Shared]) -> str:
+    """The line under the shared-machine table: what ``auto`` keeps beside a busy process (goal >= 70 %) and with
+    one that starts later, and its speed alone against torch's own default threads, the baseline of the goal
+    "alone it loses <= 10 %" (issue 12: 38.9 G steps/s then), and against the default before the governor."""
+    by_name = {row.name: row for row in shared}
     auto, before, torch_default = by_name[AUTO_VARIANT], by_name[BEFORE_VARIANT], by_name[TORCH_DEFAULT_VARIANT]
     return (
-        f"auto keeps {100 * auto[1] / auto[0]:.0f} % of its alone speed beside a busy process (goal >= 70 %; "
-        f"before auto: {100 * before[1] / before[0]:.0f} %); alone it runs at {100 * auto[0] / torch_default[0]:.0f} "
-        f"% of torch's default threads' rate (goal >= 90 %) and {100 * auto[0] / before[0]:.0f} % of the rate "
-        "before auto"
+        f"auto keeps {100 * auto.beside / auto.alone:.0f} % of its alone speed beside a busy process (goal >= 70 %; "
+        f"before the governor: {100 * before.beside / before.alone:.0f} %) and {100 * auto.later / auto.alone:.0f} % "
+        f"with one that starts later (before: {100 * before.later / before.alone:.0f} %); alone it runs at "
+        f"{100 * auto.alone / torch_default.alone:.0f} % of torch's default threads' rate (goal >= 90 %) and "
+        f"{100 * auto.alone / before.alone:.0f} % of the rate before the governor"
     )
 
 
@@ -758,12 +801,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 emit(f"| pipeline, trainer.precision=bf16-mixed | fails: {type(exc).__name__} |")
         if args.shared:
             emit()
-            emit("| default digits run, threads | threads used (alone/beside) | alone G steps/s | beside 1 busy "
-                 "process | kept |")  # fmt: skip
-            emit("|---|---|---|---|---|")
+            emit("| default digits run, threads | threads at the end (alone/beside/later) | alone G steps/s "
+                 "| beside 1 busy process | kept | busy process from 40 % of the run | kept |")  # fmt: skip
+            emit("|---|---|---|---|---|---|---|")
             shared = shared_rates(args.shared_steps or (100 if quick else 400), args.rounds or (1 if quick else 3))
-            for name, alone, beside, used in shared:
-                emit(f"| {name} | {used} | {alone:.3g} | {beside:.3g} | {100 * beside / alone:.0f} % |")
+            for row in shared:
+                kept, kept_later = 100 * row.beside / row.alone, 100 * row.later / row.alone
+                emit(f"| {row.name} | {row.used} | {row.alone:.3g} | {row.beside:.3g} | {kept:.0f} % "
+                     f"| {row.later:.3g} | {kept_later:.0f} % |")  # fmt: skip
             emit(shared_verdict(shared))
     emit()
     emit(f"measured in {time.perf_counter() - t_start:.0f} s; load average now {os.getloadavg()[0]:.2f}")

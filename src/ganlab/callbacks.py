@@ -21,6 +21,7 @@ from pytorch_lightning.loggers import WandbLogger
 from ganlab.checkpoint import all_finite
 from ganlab.errors import Diverged, Interrupted
 from ganlab.tasks.gan import GANModule
+from ganlab.threads import Governor
 from ganlab.util import chunked, eval_mode, is_due, log_to_all
 
 
@@ -218,6 +219,40 @@ class SampleGrid(pl.Callback):
                 gif = self.dir / "demo.gif"
                 save_gif(frames, gif)
                 self._log(trainer, "demo", gif, module.g_step)
+
+
+class ThreadGovernor(pl.Callback):
+    """``model.threads=auto`` while a one-process CPU run trains: after each ``training_step`` call the
+    :class:`~ganlab.threads.Governor` may look at the cores again (every ``WINDOW_S`` seconds) and change torch's
+    thread count. Every change is kept as ``[generator step, count]`` in ``changes``, which travels in the
+    checkpoint (a resumed run keeps the earlier ones) and ends in ``summary.json`` (``thread_changes``).
+
+    It comes first among the callbacks, so an evaluation or a preview at the same step runs on the new count."""
+
+    step_cadence = ()  # any call's end will do
+
+    def __init__(self) -> None:
+        self.governor: Governor | None = None
+        self.changes: list[list[int]] = []
+
+    def on_train_start(self, trainer: pl.Trainer, module: GANModule) -> None:
+        # DDP ranks split the node's cores between them (OMP_NUM_THREADS per rank); a GPU run's threads only feed it
+        if trainer.world_size == 1 and module.device.type == "cpu":
+            self.governor = Governor(torch.get_num_threads())
+
+    def on_train_batch_end(self, trainer: pl.Trainer, module: GANModule, *args: Any) -> None:
+        if self.governor is None:
+            return
+        count = self.governor.poll()
+        if count is not None:
+            torch.set_num_threads(count)
+            self.changes.append([module.g_step, count])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"changes": [list(change) for change in self.changes]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.changes = [list(change) for change in state_dict.get("changes", [])]
 
 
 class PeriodicCheckpoint(pl.Callback):

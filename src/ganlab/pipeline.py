@@ -26,7 +26,7 @@ from pytorch_lightning.plugins.environments import SLURMEnvironment
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from ganlab import threads
-from ganlab.callbacks import PeriodicCheckpoint, Preemption, SampleGrid, StepProgress
+from ganlab.callbacks import PeriodicCheckpoint, Preemption, SampleGrid, StepProgress, ThreadGovernor
 from ganlab.checkpoint import check_compatible, fingerprint, read_checkpoint_step
 from ganlab.checkpoint import load as load_checkpoint
 from ganlab.data import describe
@@ -215,10 +215,12 @@ def metrics_callback(cfg: DictConfig) -> pl.Callback:
 
 
 def callbacks(cfg: DictConfig, run_dir: Path, fingerprint: dict[str, Any] | None = None) -> list[pl.Callback]:
-    """Sample grids, evaluation (before the checkpoint, so a checkpoint follows its evaluation), checkpoints,
-    preemption (after them: a signal stops the run once the step's work is saved), progress. ``metrics=none``
-    makes ``cfg.metrics`` null: no evaluation."""
-    out: list[pl.Callback] = [SampleGrid(run_dir, cfg.sample_every)]
+    """The thread governor (``model.threads=auto``: first, so what follows at a step runs on its count), sample
+    grids, evaluation (before the checkpoint, so a checkpoint follows its evaluation), checkpoints, preemption
+    (after them: a signal stops the run once the step's work is saved), progress. ``metrics=none`` makes
+    ``cfg.metrics`` null: no evaluation."""
+    out: list[pl.Callback] = [ThreadGovernor()] if threads.governed(cfg.model.get("threads")) else []
+    out.append(SampleGrid(run_dir, cfg.sample_every))
     if cfg.metrics is not None:
         out.append(metrics_callback(cfg))
     checkpoint = PeriodicCheckpoint(run_dir, cfg.ckpt_every, fingerprint)
@@ -408,6 +410,7 @@ def train(cfg: DictConfig, run_dir: Path, *, identity: Mapping[str, Any] | None 
     _writable(run_dir)
     record = RunRecord(run_dir, seed=cfg.seed, **(identity or {}), run_dir=str(run_dir))
     loggers: list = []
+    cbs: list[pl.Callback] = []
     preemption: Preemption | None = None
     interrupted: Interrupted | None = None
     trainer: pl.Trainer | None = None
@@ -520,6 +523,8 @@ def train(cfg: DictConfig, run_dir: Path, *, identity: Mapping[str, Any] | None 
         if hasattr(launcher, "finish"):  # DDP: the other local ranks end with this one
             launcher.finish(ok=fitted or interrupted is not None)
         record.update(wall_time_s=round(time.time() - t0, 2))
+        governor = next((cb for cb in cbs if isinstance(cb, ThreadGovernor)), None)
+        record.update(thread_changes=governor.changes if governor is not None else [])
         saved = record.try_save()
         finish_wandb(loggers, exit_code=0 if record["status"] == "completed" else 1)
         if interrupted is not None and preemption is not None:

@@ -1,17 +1,22 @@
 """How many intra-op threads a run uses: ``model.threads`` = an integer, ``null`` (torch's default) or ``auto``.
 
-``auto`` gives the run the cores nobody else is using when it starts. On 2 cores, torch's default of 2 threads is
-the fastest choice alone but collapses beside one CPU-bound process: every parallel region waits for the thread
-that shares its core with the other process (the default digits run keeps ~50 % of its speed, 1 thread ~75 %).
-So ``auto`` measures, over a fraction of a second, how much of the run's cores *other* processes keep busy
-(``/proc/stat`` summed over the cores this process may run on, less this process's own CPU time) and takes the
-free ones, at least 1. An explicit ``OMP_NUM_THREADS`` (set by the sweep launcher, SLURM or the user) wins: the
+``auto`` gives the run the cores nobody else is using, and keeps doing so while it trains. On 2 cores, torch's
+default of 2 threads is the fastest choice alone but collapses beside one CPU-bound process: every parallel region
+waits for the thread that shares its core with the other process (the default digits run keeps ~30 % of its speed,
+1 thread ~60-75 % of the 2-thread rate). So ``auto`` measures, over a fraction of a second, how much of the run's
+cores *other* processes keep busy (``/proc/stat`` summed over the cores this process may run on, less this
+process's own CPU time) and takes the free ones, at least 1. During the run a :class:`Governor` looks again every
+:data:`WINDOW_S` seconds (between generator steps): it drops a thread at once when another process takes a core,
+and adds one back after two windows in a row found the core free. Because of that watch, ``auto`` lets OpenMP's
+threads spin at barriers (torch's default, 10-25 % faster alone than sleeping ones); a fixed count keeps them
+sleeping (``OMP_WAIT_POLICY=PASSIVE``, :func:`wait_policy`), which is the better choice when nobody watches.
+An explicit ``OMP_NUM_THREADS`` (set by the sweep launcher, SLURM or the user) wins, and nothing is watched: the
 caller already decided.
 
-The count is chosen once, at the start, and stored in the checkpoint: floating-point reductions split differently
-over different thread counts, so a count that changed mid-run would make a run depend on its neighbours' timing,
-and a resume reuses the saved count to stay exact. A run that must repeat bit for bit on another machine or under
-another load sets ``model.threads`` to a number.
+Floating-point reductions split differently over different thread counts, so the count a run uses shapes its last
+bits. The run records every change (``summary.json``: ``threads`` at the start, ``thread_changes`` as
+``[generator step, count]`` pairs) and its checkpoint the count in use, which a resume starts from. A run that must
+repeat bit for bit on another machine or under another load sets ``model.threads`` to a number.
 """
 
 from __future__ import annotations
@@ -21,7 +26,9 @@ import os
 import time
 from pathlib import Path
 
-PROBE_S = 0.25  # how long auto watches the cores
+PROBE_S = 0.25  # how long auto watches the cores at the start
+WINDOW_S = 1.0  # how often the Governor looks again during a run
+UP_WINDOWS = 2  # windows in a row that must find a core free before a thread is added back
 
 
 def usable_cores() -> int:
@@ -84,6 +91,12 @@ def others_load(probe_s: float = PROBE_S) -> float | None:
     return max(0.0, busy / total * len(cpus))
 
 
+def free_cores(cores: int, load: float) -> int:
+    """The thread count for ``cores`` usable cores of which other processes keep ``load`` busy: the rest, rounded
+    to the nearest core, at least 1."""
+    return max(1, min(cores, math.floor(cores - load + 0.5)))
+
+
 def auto_threads(probe_s: float = PROBE_S, share: int = 1) -> int:
     """The thread count ``auto`` picks now: ``OMP_NUM_THREADS`` when set, else the cores others leave free,
     divided among the ``share`` processes of one run that this one starts on the node (DDP), at least 1 each."""
@@ -92,7 +105,7 @@ def auto_threads(probe_s: float = PROBE_S, share: int = 1) -> int:
         return int(env)
     cores = usable_cores()
     load = others_load(probe_s) if cores > 1 else None
-    free = cores if load is None else max(1, min(cores, math.floor(cores - load + 0.5)))
+    free = cores if load is None else free_cores(cores, load)
     return max(1, free // max(1, share))
 
 
@@ -115,3 +128,67 @@ def apply(setting: object, saved: int | None = None, share: int = 1) -> int:
     if threads is not None:
         torch.set_num_threads(threads)
     return torch.get_num_threads()
+
+
+def governed(setting: object) -> bool:
+    """Whether a run with ``model.threads`` = ``setting`` is watched by a :class:`Governor`: ``auto`` where no
+    ``OMP_NUM_THREADS`` decided the count (a one-process CPU run; :class:`ganlab.callbacks.ThreadGovernor` checks
+    that part when training starts)."""
+    return str(setting) == "auto" and not os.environ.get("OMP_NUM_THREADS", "").strip()
+
+
+def wait_policy(setting: object) -> None:
+    """Before torch starts its OpenMP pool (OpenMP reads the variable once, then): threads that sleep at barriers
+    (``OMP_WAIT_POLICY=PASSIVE``) unless the run is :func:`governed`, where the :class:`Governor` takes a thread
+    away when another process takes a core, and spinning threads are faster. A policy the user set is kept. It
+    changes no result (the same threads split the same work)."""
+    if not governed(setting):
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+class Governor:
+    """``model.threads=auto`` during a run: every ``window_s`` seconds (checked by :meth:`poll` between generator
+    steps, one clock read; a look is one read of ``/proc/stat``) it measures how many of the ``cores`` other
+    processes kept busy over the window and returns a new thread count when that changed what is free.
+
+    Fewer threads at once: two spinning threads beside a CPU-bound process run at about a third of their speed.
+    More only after :data:`UP_WINDOWS` windows in a row found the cores free: one thread too few costs a quarter
+    to a third of the speed, and a neighbour's short pause should not bring the collapse back."""
+
+    def __init__(self, threads: int, cores: int | None = None, window_s: float = WINDOW_S) -> None:
+        self.threads, self.cores, self.window_s = threads, cores or usable_cores(), window_s
+        try:
+            self._cpus: set[int] | None = set(os.sched_getaffinity(0))
+        except AttributeError:  # macOS, Windows: no /proc/stat either; the count stays as it started
+            self._cpus = None
+        self._mark: tuple[float, tuple[int, int], float] | None = None
+        self._up = 0  # windows in a row that found more cores free than threads in use
+
+    def decide(self, load: float) -> int:
+        """The count after a window in which other processes kept ``load`` cores busy (and remember it)."""
+        free = free_cores(self.cores, load)
+        self._up = self._up + 1 if free > self.threads else 0
+        if free < self.threads or self._up >= UP_WINDOWS:
+            self.threads, self._up = free, 0
+        return self.threads
+
+    def _read(self, now: float) -> tuple[float, tuple[int, int], float] | None:
+        jiffies = _cpu_jiffies(self._cpus) if self._cpus else None
+        if jiffies is None:
+            return None
+        own = os.times()
+        return now, jiffies, (own.user + own.system) * os.sysconf("SC_CLK_TCK")
+
+    def poll(self) -> int | None:
+        """The new thread count when a window just ended and its look changed it, else None."""
+        clock = time.perf_counter()
+        if self._mark is not None and clock - self._mark[0] < self.window_s:
+            return None
+        now = self._read(clock)
+        before, self._mark = self._mark, now
+        if before is None or now is None or now[1][1] <= before[1][1]:
+            return None
+        busy = now[1][0] - before[1][0] - (now[2] - before[2])
+        load = max(0.0, busy / (now[1][1] - before[1][1]) * len(self._cpus or ()))
+        old = self.threads
+        return new if (new := self.decide(load)) != old else None

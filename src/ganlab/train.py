@@ -8,11 +8,6 @@ the configs shipped in the package, so ``ganlab-train data=ring8`` works from an
 
 from __future__ import annotations
 
-import os
-
-# before torch starts its OpenMP pool (see src/train.py): sleeping, not spinning, threads on a shared machine
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 import sys
 from pathlib import Path
 
@@ -30,6 +25,9 @@ def run(cfg: DictConfig) -> float | None:
     A run that cannot go on ends with one line and its error's exit code (2 bad input, 3 interrupted, 4 diverged:
     :mod:`ganlab.errors`); in a multirun the error is re-raised so the sweep goes on and the job's
     ``summary.json`` records why it stopped."""
+    from ganlab.threads import wait_policy
+
+    wait_policy(cfg.model.get("threads"))  # before torch loads OpenMP, which reads the policy once
     from ganlab.errors import RunStopped
     from ganlab.pipeline import train
 
