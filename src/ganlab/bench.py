@@ -23,8 +23,9 @@ Prints one table, every figure measured in this run:
   steps/s of that arm against the non-saturating arm's at the defaults.
 - **options** (``--options``): ``channels_last``, ``bf16-mixed`` and ``torch.compile`` on the 32x32 DCGAN step,
   each where it runs at all.
-- **shared CPU** (``--shared``): the default digits run's steps/s alone and beside one CPU-bound process, per thread
-  setting (child processes, since OpenMP reads its environment once).
+- **shared CPU** (``--shared``): the default digits run's steps/s alone, beside one CPU-bound process that was there
+  first, and with one that starts at 40 % of the run (timed from 60 %), per thread setting (child processes, since
+  OpenMP reads its environment once).
 """
 
 from __future__ import annotations
