@@ -74,21 +74,36 @@ def _cpu_jiffies(cpus: set[int]) -> tuple[int, int] | None:
     return (busy, total) if total else None
 
 
+# (busy, total) jiffies of the cores from /proc/stat, and this process's own CPU time in jiffies, at one moment
+Mark = tuple[int, int, float]
+
+
+def _mark(cpus: set[int]) -> Mark | None:
+    jiffies = _cpu_jiffies(cpus)
+    if jiffies is None:
+        return None
+    own = os.times()
+    return (*jiffies, (own.user + own.system) * os.sysconf("SC_CLK_TCK"))
+
+
+def _others(before: Mark | None, after: Mark | None, n_cpus: int) -> float | None:
+    """How many of ``n_cpus`` cores other processes kept busy between two marks: the cores' busy time less this
+    process's own (None: unknown)."""
+    if before is None or after is None or after[1] <= before[1]:
+        return None
+    busy = after[0] - before[0] - (after[2] - before[2])
+    return max(0.0, busy / (after[1] - before[1]) * n_cpus)
+
+
 def others_load(probe_s: float = PROBE_S) -> float | None:
     """How many of this process's cores other processes kept busy over ``probe_s`` seconds (None: unknown)."""
     try:
         cpus = set(os.sched_getaffinity(0))
     except AttributeError:
         return None
-    before, own_before = _cpu_jiffies(cpus), os.times()
+    before = _mark(cpus)
     time.sleep(probe_s)
-    after, own_after = _cpu_jiffies(cpus), os.times()
-    if before is None or after is None or after[1] <= before[1]:
-        return None
-    hz = os.sysconf("SC_CLK_TCK")
-    own = (own_after.user + own_after.system - own_before.user - own_before.system) * hz
-    busy, total = after[0] - before[0] - own, after[1] - before[1]
-    return max(0.0, busy / total * len(cpus))
+    return _others(before, _mark(cpus), len(cpus))
 
 
 def free_cores(cores: int, load: float) -> int:
@@ -161,7 +176,7 @@ class Governor:
             self._cpus: set[int] | None = set(os.sched_getaffinity(0))
         except AttributeError:  # macOS, Windows: no /proc/stat either; the count stays as it started
             self._cpus = None
-        self._mark: tuple[float, tuple[int, int], float] | None = None
+        self._last: tuple[float, Mark | None] | None = None  # the clock and the mark of the last look
         self._up = 0  # windows in a row that found more cores free than threads in use
 
     def decide(self, load: float) -> int:
@@ -172,23 +187,15 @@ class Governor:
             self.threads, self._up = free, 0
         return self.threads
 
-    def _read(self, now: float) -> tuple[float, tuple[int, int], float] | None:
-        jiffies = _cpu_jiffies(self._cpus) if self._cpus else None
-        if jiffies is None:
-            return None
-        own = os.times()
-        return now, jiffies, (own.user + own.system) * os.sysconf("SC_CLK_TCK")
-
     def poll(self) -> int | None:
         """The new thread count when a window just ended and its look changed it, else None."""
         clock = time.perf_counter()
-        if self._mark is not None and clock - self._mark[0] < self.window_s:
+        if self._last is not None and clock - self._last[0] < self.window_s:
             return None
-        now = self._read(clock)
-        before, self._mark = self._mark, now
-        if before is None or now is None or now[1][1] <= before[1][1]:
+        mark = _mark(self._cpus) if self._cpus else None
+        before, self._last = self._last, (clock, mark)
+        load = _others(before[1] if before else None, mark, len(self._cpus or ()))
+        if load is None:
             return None
-        busy = now[1][0] - before[1][0] - (now[2] - before[2])
-        load = max(0.0, busy / (now[1][1] - before[1][1]) * len(self._cpus or ()))
         old = self.threads
         return new if (new := self.decide(load)) != old else None
