@@ -151,6 +151,7 @@ def test_the_shared_table_gives_each_child_the_variant_env_and_its_neighbour(mon
         return subprocess.CompletedProcess(cmd, 0, stdout=f"noise\nRATE {rate} {n}\n", stderr="")
 
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # the parent's policy must not reach the variants
     monkeypatch.setattr(bench.subprocess, "Popen", Hog)
     monkeypatch.setattr(bench.subprocess, "run", child)
     rows = {row.name: row for row in bench.shared_rates(10, rounds=1)}

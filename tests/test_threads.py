@@ -214,6 +214,7 @@ def test_the_governor_sees_a_cpu_bound_process_that_starts_during_the_run() -> N
 
 
 def test_the_wait_policy_spins_only_where_the_governor_watches(monkeypatch) -> None:
+    monkeypatch.setenv("OMP_WAIT_POLICY", "")  # recorded, so the value wait_policy sets below is undone after
     for setting, omp, user, expected in [
         ("auto", None, None, None),  # governed: OpenMP's spinning threads
         ("auto", "1", None, "PASSIVE"),  # the launcher decided: nobody watches

@@ -577,6 +577,7 @@ SHARED_VARIANTS: dict[str, dict[str, str]] = {
 # where the run meets a CPU-bound process: none, one that was there first, one that starts at 40 % of the run
 SCENARIOS = ("alone", "beside", "later")
 LATER_AT, LATER_FROM = 0.4, 0.6  # the later neighbour starts at this fraction of the steps; timed from the second
+_OMP_VARS = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")  # the variants set these; the parent's would change what they mean
 
 
 def _child_rate(steps: int) -> None:
@@ -627,7 +628,7 @@ def shared_rates(steps: int, rounds: int) -> list[Shared]:
                 try:
                     res = subprocess.run(
                         [sys.executable, "-m", "ganlab.bench", "--child-rate", str(steps)],
-                        env={**{k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}, **env, **later},
+                        env={**{k: v for k, v in os.environ.items() if k not in _OMP_VARS}, **env, **later},
                         capture_output=True,
                         text=True,
                         check=True,
