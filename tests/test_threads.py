@@ -250,6 +250,7 @@ def test_a_governed_run_records_each_change_and_a_resume_starts_from_the_count_i
     from ganlab import callbacks
 
     monkeypatch.setattr(callbacks, "Governor", _Scripted)
+    _Scripted.looks = 0  # the script counts from this test's first look
     monkeypatch.setattr(threads, "others_load", lambda probe_s=0.0: 0.0)  # a quiet machine at the start
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     before = torch.get_num_threads()
