@@ -265,6 +265,9 @@ def test_a_governed_run_records_each_change_and_a_resume_starts_from_the_count_i
         in_use = torch.get_num_threads()
         monkeypatch.setenv("OMP_NUM_THREADS", "2")  # decided by the caller: no governor
         fixed = train(compose_cfg([*common, "max_steps=4"]), tmp_path / "fixed")
+        # resumed on a fixed count other than its checkpoint's (unwatched): the earlier changes stay, this one is added
+        fixed_count = [*(o for o in common if not o.startswith("model.threads")), "model.threads=2"]
+        again = train(compose_cfg([*fixed_count, "max_steps=10", "resume=auto"]), tmp_path / "run")
     finally:
         torch.set_num_threads(before)
     assert first["threads"] == threads.usable_cores() and first["thread_changes"] == [[3, 1]]
@@ -273,3 +276,4 @@ def test_a_governed_run_records_each_change_and_a_resume_starts_from_the_count_i
     assert resumed["threads"] == 1 and in_use == 1 and not seen  # no new look at the start: the saved count
     assert resumed["thread_changes"] == [[3, 1]] and resumed["g_steps"] == 8
     assert fixed["thread_changes"] == [] and fixed["threads"] == 2
+    assert again["thread_changes"] == [[3, 1], [8, 2]] and again["threads"] == 2 and again["g_steps"] == 10

@@ -222,23 +222,34 @@ class SampleGrid(pl.Callback):
 
 
 class ThreadGovernor(pl.Callback):
-    """``model.threads=auto`` while a one-process CPU run trains: after each ``training_step`` call the
+    """The record of a run's thread count, and with ``watch`` (``model.threads=auto``, see
+    :func:`ganlab.threads.governed`) on a one-process CPU run its governor: after each ``training_step`` call the
     :class:`~ganlab.threads.Governor` may look at the cores again (every ``WINDOW_S`` seconds) and change torch's
     thread count. Every change is kept as ``[generator step, count]`` in ``changes``, which travels in the
-    checkpoint (a resumed run keeps the earlier ones) and ends in ``summary.json`` (``thread_changes``).
+    checkpoint and ends in ``summary.json`` (``thread_changes``). Every run has one, watched or not, so a resume
+    keeps the earlier changes whatever its own setting, and a resume on another count than the checkpoint's
+    (a fixed ``model.threads``, an ``OMP_NUM_THREADS``) is itself recorded as a change at its first step.
 
     It comes first among the callbacks, so an evaluation or a preview at the same step runs on the new count."""
 
     step_cadence = ()  # any call's end will do
 
-    def __init__(self) -> None:
+    def __init__(self, watch: bool = False) -> None:
+        self.watch = watch
         self.governor: Governor | None = None
         self.changes: list[list[int]] = []
+        self._saved: int | None = None  # a resumed run's count at its checkpoint
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, module: GANModule, checkpoint: dict[str, Any]) -> None:
+        self._saved = checkpoint.get("ganlab", {}).get("threads")
 
     def on_train_start(self, trainer: pl.Trainer, module: GANModule) -> None:
+        count = torch.get_num_threads()
+        if self._saved is not None and self._saved != count:
+            self.changes.append([module.g_step, count])
         # DDP ranks split the node's cores between them (OMP_NUM_THREADS per rank); a GPU run's threads only feed it
-        if trainer.world_size == 1 and module.device.type == "cpu":
-            self.governor = Governor(torch.get_num_threads())
+        if self.watch and trainer.world_size == 1 and module.device.type == "cpu":
+            self.governor = Governor(count)
 
     def on_train_batch_end(self, trainer: pl.Trainer, module: GANModule, *args: Any) -> None:
         if self.governor is None:

@@ -215,11 +215,11 @@ def metrics_callback(cfg: DictConfig) -> pl.Callback:
 
 
 def callbacks(cfg: DictConfig, run_dir: Path, fingerprint: dict[str, Any] | None = None) -> list[pl.Callback]:
-    """The thread governor (``model.threads=auto``: first, so what follows at a step runs on its count), sample
-    grids, evaluation (before the checkpoint, so a checkpoint follows its evaluation), checkpoints, preemption
-    (after them: a signal stops the run once the step's work is saved), progress. ``metrics=none`` makes
-    ``cfg.metrics`` null: no evaluation."""
-    out: list[pl.Callback] = [ThreadGovernor()] if threads.governed(cfg.model.get("threads")) else []
+    """The thread count's record and governor (watching with ``model.threads=auto``; first, so what follows at a
+    step runs on its count), sample grids, evaluation (before the checkpoint, so a checkpoint follows its
+    evaluation), checkpoints, preemption (after them: a signal stops the run once the step's work is saved),
+    progress. ``metrics=none`` makes ``cfg.metrics`` null: no evaluation."""
+    out: list[pl.Callback] = [ThreadGovernor(watch=threads.governed(cfg.model.get("threads")))]
     out.append(SampleGrid(run_dir, cfg.sample_every))
     if cfg.metrics is not None:
         out.append(metrics_callback(cfg))
@@ -524,7 +524,8 @@ def train(cfg: DictConfig, run_dir: Path, *, identity: Mapping[str, Any] | None 
             launcher.finish(ok=fitted or interrupted is not None)
         record.update(wall_time_s=round(time.time() - t0, 2))
         governor = next((cb for cb in cbs if isinstance(cb, ThreadGovernor)), None)
-        record.update(thread_changes=governor.changes if governor is not None else [])
+        if governor is not None:  # else it stopped before training: a resumed folder's earlier record stays
+            record.update(thread_changes=governor.changes)
         saved = record.try_save()
         finish_wandb(loggers, exit_code=0 if record["status"] == "completed" else 1)
         if interrupted is not None and preemption is not None:
