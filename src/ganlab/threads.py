@@ -8,7 +8,7 @@ cores *other* processes keep busy (``/proc/stat`` summed over the cores this pro
 process's own CPU time) and takes the free ones, at least 1. During the run a :class:`Governor` looks again every
 :data:`WINDOW_S` seconds (between generator steps): it drops a thread at once when another process takes a core,
 and adds one back after two windows in a row found the core free. Because of that watch, ``auto`` lets OpenMP's
-threads spin at barriers (torch's default, 10-25 % faster alone than sleeping ones); a fixed count keeps them
+threads spin at barriers (torch's default, 10-43 % faster alone than sleeping ones here); a fixed count keeps them
 sleeping (``OMP_WAIT_POLICY=PASSIVE``, :func:`wait_policy`), which is the better choice when nobody watches.
 An explicit ``OMP_NUM_THREADS`` (set by the sweep launcher, SLURM or the user) wins, and nothing is watched: the
 caller already decided.
