@@ -58,6 +58,7 @@ CASES: list[tuple[list[str], str]] = [
     (["model=dcgan"], "model=dcgan"),
     (["loss=feature_matching", "loss.layers=[99]"], "loss.layers"),
     (["loss=feature_matching", "loss.layers=[]"], "loss.layers"),
+    (["loss=feature_matching", "loss.layers=[0,0]"], "loss.layers: [0, 0] names layer 0 twice"),
     (["loss=ns_then_minimax", "loss.switch_step=-1"], "loss.switch_step"),
     (["tricks=[virtual_batch_norm]", "tricks.virtual_batch_norm.ref_batch_size=0"], "ref_batch_size"),
     (["tricks=[label_smoothing]", "tricks.label_smoothing.alpha=1.5"], "alpha"),

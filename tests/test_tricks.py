@@ -218,7 +218,7 @@ def test_feature_matching_over_two_layers_is_the_sum_of_the_single_layer_losses(
     second = FeatureMatching([1]).generator(torch.zeros(12), real_feats=rf[1:], fake_feats=ff[1:])[0]
     assert both.item() == pytest.approx(first.item() + second.item(), rel=1e-6)
     module = build(compose_cfg([*TINY, "loss=feature_matching", "loss.layers=[0,-1]"]))
-    assert module.objective.feature_layers == [0, -1]
+    assert module.objective.feature_layers == [0, len(module.D.blocks) - 1]  # the module's indices: -1 resolved
 
 
 @pytest.mark.parametrize("trick", TRICKS)

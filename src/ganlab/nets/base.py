@@ -38,14 +38,17 @@ def norm_or_identity(make: NormFactory | None, features: int, dims: int) -> nn.M
 
 
 def normalise_layers(layers: Sequence[int], n_blocks: int, what: str) -> list[int]:
-    """Map python-style indices (``-1`` = last hidden layer) to ``0..n_blocks-1``; fail on out-of-range ones."""
-    out = []
+    """Map python-style indices (``-1`` = last hidden layer) to ``0..n_blocks-1``, sorted; fail on out-of-range
+    ones and on a layer named twice (``[-1, 2]`` with 3 blocks): a layer counted twice would weigh double."""
+    out: list[int] = []
     for i in layers:
         j = i + n_blocks if i < 0 else i
         if not 0 <= j < n_blocks:
             raise ValueError(f"{what}: layer {i} does not exist (D has {n_blocks} hidden layers: 0..{n_blocks - 1})")
+        if j in out:
+            raise ValueError(f"{what}: {list(layers)} names layer {j} twice (D has {n_blocks} hidden layers)")
         out.append(j)
-    return sorted(set(out))
+    return sorted(out)
 
 
 class Discriminator(nn.Module):

@@ -107,8 +107,9 @@ class GANModule(pl.LightningModule):
         for trick in self.tricks:
             generator = trick.wrap_generator(generator, self.prior)
         self.G, self.D, self.objective, self.data = generator, discriminator, objective, data
-        if objective.feature_layers is not None and hasattr(discriminator, "blocks"):
-            normalise_layers(objective.feature_layers, len(discriminator.blocks), "loss.layers")  # fail now
+        if objective.feature_layers is not None and hasattr(discriminator, "blocks"):  # fail now, not at a G step
+            n_blocks = len(discriminator.blocks)
+            objective.feature_layers = normalise_layers(objective.feature_layers, n_blocks, "loss.layers")
         self.schedule = Schedule.alternating(d_steps)
         self.batch_size, self.max_steps = int(batch_size), int(max_steps)
         self.optim_g, self.optim_d = dict(optim_g or {}), dict(optim_d or {})
