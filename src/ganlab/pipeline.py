@@ -415,11 +415,10 @@ def train(cfg: DictConfig, run_dir: Path, *, identity: Mapping[str, Any] | None 
     interrupted: Interrupted | None = None
     trainer: pl.Trainer | None = None
     fitted = False
+    written = False  # nothing in the folder changes until every check (load, build, compatibility) has passed
     try:
         if ckpt is not None:
             record.resume_from(ckpt, int(state["ganlab"]["g_step"]))
-        record.save()
-        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
         # auto: the cores free now (a resume reuses the saved count: results depend on it), split among the
         # ranks this process starts on the node; the DDP launcher hands every rank this same count
         record.update(threads=threads.apply(cfg.model.get("threads"), saved_threads(state), ranks_started_here(cfg)))
@@ -429,6 +428,9 @@ def train(cfg: DictConfig, run_dir: Path, *, identity: Mapping[str, Any] | None 
         current = fingerprint(cfg, **resolved)
         if state is not None:
             check_compatible(state, current, ckpt)
+        written = True  # from here on the run owns the folder: its record says how it ends
+        record.save()
+        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
         record.update(data=describe(module.data))  # how the data set is judged and previewed (the report reads it)
         n_params = {f"params/{name.lower()}": sum(p.numel() for p in net.parameters()) for name, net in
                     (("G", module.G), ("D", module.D))}  # fmt: skip
@@ -526,7 +528,7 @@ def train(cfg: DictConfig, run_dir: Path, *, identity: Mapping[str, Any] | None 
         governor = next((cb for cb in cbs if isinstance(cb, ThreadGovernor)), None)
         if governor is not None:  # else it stopped before training: a resumed folder's earlier record stays
             record.update(thread_changes=governor.changes)
-        saved = record.try_save()
+        saved = record.try_save() if written else True  # refused before its first write: the folder is as it was
         finish_wandb(loggers, exit_code=0 if record["status"] == "completed" else 1)
         if interrupted is not None and preemption is not None:
             _finish_signal(interrupted, preemption.previous)
