@@ -36,3 +36,17 @@ def test_a_refused_resume_leaves_a_completed_run_byte_identical(tmp_path: Path) 
     for name in ("summary.json", "config.yaml", "checkpoints/last.ckpt"):
         assert after[name] == before[name], name
     assert after == before  # no file added, none changed
+
+
+def test_a_resume_from_another_run_into_a_folder_holding_a_run_is_refused(tmp_path: Path) -> None:
+    source, victim = tmp_path / "source", tmp_path / "victim"
+    train(compose_cfg([*RING, "max_steps=3"]), source)
+    train(compose_cfg([*RING, "max_steps=3", "seed=1"]), victim)
+    source_before, victim_before = _files(source), _files(victim)
+    with pytest.raises(UserError, match="already holds a run") as info:
+        train(compose_cfg([*RING, "max_steps=6", f"resume={source}"]), victim)
+    assert "\n" not in str(info.value) and info.value.exit_code == 2
+    assert _files(victim) == victim_before and _files(source) == source_before
+    # the folder's own checkpoint named as a path is this folder's run: it extends
+    extended = train(compose_cfg([*RING, "max_steps=6", "seed=1", f"resume={victim}"]), victim)
+    assert extended["status"] == "completed" and extended["g_steps"] == 6

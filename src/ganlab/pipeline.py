@@ -306,7 +306,8 @@ def _writable(run_dir: Path) -> None:
 
 def _resume_point(cfg: DictConfig, run_dir: Path, previous: Mapping[str, Any]) -> tuple[Path | None, dict | None]:
     """The checkpoint to resume from and its contents, or ``(None, None)`` for a fresh run; refuses what would
-    lose or fake a record (a fresh run over an existing one, a budget below the checkpoint's step)."""
+    lose or fake a record (a fresh run, or a resume from another folder's checkpoint, over an existing run; a budget
+    below the checkpoint's step)."""
     ckpt = resolve_resume(cfg.resume, run_dir)
     if ckpt is None:
         if previous and cfg.resume in (None, ""):
@@ -315,6 +316,12 @@ def _resume_point(cfg: DictConfig, run_dir: Path, previous: Mapping[str, Any]) -
                 "another folder starts a new one"
             )
         return None, None
+    holds = previous or any((run_dir / name).exists() for name in ("checkpoints/last.ckpt", "metrics.csv"))
+    if holds and ckpt.parent.parent.resolve() != run_dir.resolve():
+        raise UserError(
+            f"{run_dir} already holds a run ({previous.get('status', 'unknown')}): a resume from another run's "
+            f"checkpoint ({ckpt}) needs a new folder (resume=auto continues this folder's own run)"
+        )
     state = load_checkpoint(ckpt)
     step = int(state["ganlab"]["g_step"])
     if step > cfg.max_steps:
