@@ -16,6 +16,7 @@ from ganlab.losses import (
     discriminator_loss,
     feature_matching_loss,
 )
+from ganlab.nets.base import batch_parts
 from ganlab.tricks import MinibatchDiscrimination
 
 
@@ -150,13 +151,20 @@ def test_minibatch_discrimination_equals_an_explicit_double_loop() -> None:
     x64 = torch.randn(n, a, dtype=torch.float64, requires_grad=True)
     params = (layer64.theta, layer64.log_scale, layer64.bias)
     assert torch.autograd.gradcheck(lambda x_, *_: layer64.similarity(x_), (x64, *params))
-    # a conv map is flattened once and o(x) concatenated once: [n, c*h*w + B], not B channels per position
+    # a conv map: f(x) is the map averaged over its positions (the authors' GlobalPoolLayer), so A is its
+    # channels; the map is flattened once and o(x) concatenated once: [n, c*h*w + B], not B channels per position
     xc = torch.randn(n, 2, 3, 3)
-    conv_layer = MinibatchDiscrimination(18, n_kernels=b, kernel_dim=c).eval()
+    conv_layer = MinibatchDiscrimination(2, n_kernels=b, kernel_dim=c).eval()
     outc = conv_layer(xc)
-    assert outc.shape == (n, 18 + b)
+    assert outc.shape == (n, 18 + b) and conv_layer.T.shape == (2, b, c)
     torch.testing.assert_close(outc[:, :18], xc.flatten(1))
-    torch.testing.assert_close(outc[:, 18:], conv_layer.similarity(xc))
+    torch.testing.assert_close(outc[:, 18:], conv_layer.similarity(xc.mean(dim=(2, 3))))
+    # batch_parts: one pass over [real; fake] compares each example within its own part only, as two passes do
+    with batch_parts(layer, (2, n - 2)):
+        parted = layer(x)
+    assert layer.parts is None  # only inside the block
+    torch.testing.assert_close(parted, torch.cat([layer(x[:2]), layer(x[2:])]))
+    assert not torch.allclose(parted, out)
 
 
 def test_minibatch_discrimination_kernel_and_its_gradient_equal_the_formula() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -196,15 +197,51 @@ def test_minibatch_discrimination_after_two_layers_builds_and_trains(tmp_path: P
     assert sorted(module.D.inserted.keys()) == ["0", "1"]
     assert module.D.blocks[1][0].in_features == 128 + 6  # block 1 sees block 0's 128 units plus B features
     assert train(cfg, tmp_path / "mlp")["status"] == "completed"
-    # a conv D: the layer flattens, so it follows the last block and the head sees c*4*4 + B flat features
+    # a conv D: the layer flattens, so it follows the last block and the head sees c*4*4 + B flat features; T
+    # reads the map's position average (c = 128 features, as the authors' GlobalPoolLayer), not its c*4*4 values
     cfg = compose_cfg([*common, "data=digits", "tricks.minibatch_discrimination.n_kernels=6", "ckpt_every=3"])
     module = build(cfg)
     layer = module.D.inserted[str(len(module.D.blocks) - 1)][0]
-    assert layer.T.shape == (128 * 4 * 4, 6, 5) and module.D.head[-1].in_features == 128 * 4 * 4 + 6
+    assert layer.T.shape == (128, 6, 5) and module.D.head[-1].in_features == 128 * 4 * 4 + 6
     assert train(cfg, tmp_path / "conv")["status"] == "completed"
     mbd = LayerInsert([0, 1], lambda a: MinibatchDiscrimination(a, n_kernels=6, kernel_dim=3))
     with pytest.raises(ValueError, match="only follow the last hidden block"):
         DCGANDiscriminator((1, 8, 8), width=8, inserts=[mbd])
+
+
+@pytest.mark.parametrize(
+    ("data", "layers"), [("digits", "[-1]"), ("ring8", "[-1]"), ("ring8", "[0,1]")], ids=["dcgan", "mlp", "mlp-0,1"]
+)
+def test_an_arm_with_an_inserted_layer_starts_from_the_same_nets_as_the_others(data: str, layers: str) -> None:
+    # the same seed, the same G and the same D weights wherever the base D has them (an inserted layer only adds:
+    # its own parameters and the weights of the inputs it appends to the next block or the head)
+    nets = {}
+    for arm in ("non_saturating", "minibatch_discrimination"):
+        pl.seed_everything(0, verbose=False)
+        extra = [f"tricks.minibatch_discrimination.layers={layers}"] if arm != "non_saturating" else []
+        nets[arm] = build(compose_cfg(["logger=csv", f"data={data}", f"loss={arm}", *extra]))
+    base, md = nets["non_saturating"], nets["minibatch_discrimination"]
+    for a, b in zip(base.G.state_dict().values(), md.G.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    wide = md.D.state_dict()
+    for name, weight in base.D.state_dict().items():
+        assert torch.equal(weight, wide[name][tuple(slice(0, n) for n in weight.shape)]), name
+    assert len(wide) > len(base.D.state_dict())  # the layer's own parameters
+
+
+def test_feature_matchings_one_pass_compares_real_and_fake_apart_in_minibatch_discrimination() -> None:
+    # Salimans et al. compute o(x) per batch: the joint [real; fake] pass must give what two passes give
+    torch.manual_seed(0)
+    layer_0 = ["tricks=[minibatch_discrimination]", "tricks.minibatch_discrimination.layers=[0]"]
+    module = build(compose_cfg([*TINY, "loss=feature_matching", *layer_0]))
+    real, fake = torch.randn(8, 2), torch.randn(8, 2) + 1.0
+    module.D(real)  # the layer's data-dependent start, on a real batch as in training
+    with torch.no_grad():
+        fake_out, real_feats, fake_feats = module._joint_features(real, fake)
+        (_, apart_real), (apart_out, apart_fake) = module.D(real), module.D(fake)
+    torch.testing.assert_close(fake_out, apart_out)
+    for joint, apart in zip([*real_feats, *fake_feats], [*apart_real, *apart_fake], strict=True):
+        torch.testing.assert_close(joint, apart)
 
 
 def test_feature_matching_over_two_layers_is_the_sum_of_the_single_layer_losses() -> None:

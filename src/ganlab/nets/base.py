@@ -8,8 +8,11 @@ The networks know no trick: a trick hands them a normalisation factory (``norm``
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import math
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
+import torch
 from torch import Tensor, nn
 
 from ganlab.tricks.base import LayerInsert
@@ -51,6 +54,48 @@ def normalise_layers(layers: Sequence[int], n_blocks: int, what: str) -> list[in
     return sorted(out)
 
 
+WIDEN = 100  # _own_seed's k for the widening of a block's (or the head's) input
+
+
+def _own_seed(place: int, k: int) -> int:
+    """The seed of what a trick adds at ``place`` (a block index; ``n_blocks``: the head), ``k``-th there: a
+    function of the run's seed (``torch.initial_seed()``) and the place, drawn from no stream the networks share.
+    """
+    return (torch.initial_seed() * 1_000_003 + 1_009 * (place + 1) + k) % 2**63
+
+
+def _widen_input(module: nn.Module, extra: int, seed: int) -> None:
+    """Give the first linear or conv layer of ``module`` ``extra`` more inputs, after its own. Its weights for
+    its own inputs stay the ones every arm draws; the new ones are drawn from generator ``seed`` at the scale of
+    PyTorch's default for the layer as built (uniform, bound 1/sqrt(its fan-in))."""
+    layer = next(m for m in module.modules() if isinstance(m, nn.Linear | nn.Conv2d))
+    w = layer.weight.detach()  # [out, in] or [out, in, k, k]
+    bound = 1.0 / math.sqrt(w[0].numel())
+    new = torch.empty(w.shape[0], extra, *w.shape[2:], dtype=w.dtype)
+    new.uniform_(-bound, bound, generator=torch.Generator().manual_seed(seed))
+    layer.weight = nn.Parameter(torch.cat([w, new], dim=1))
+    if isinstance(layer, nn.Linear):
+        layer.in_features += extra
+    else:
+        layer.in_channels += extra
+
+
+@contextmanager
+def batch_parts(module: nn.Module, sizes: Sequence[int]) -> Iterator[None]:
+    """Within this block, layers of ``module`` that look across the batch (those with a ``parts`` attribute:
+    minibatch discrimination) treat the batch as consecutive parts of ``sizes`` examples, each its own batch:
+    a pass over ``[real; fake]`` then gives every example the similarity features of its own half, as two
+    passes would (Salimans et al. 2016 §3.2 compute them per batch, real and generated apart)."""
+    layers = [m for m in module.modules() if hasattr(m, "parts")]
+    for m in layers:
+        m.parts = tuple(int(n) for n in sizes)
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.parts = None
+
+
 class Discriminator(nn.Module):
     """``forward(x) -> (logits [n], features)`` where ``features[i]`` is the output of hidden block ``i``.
 
@@ -61,6 +106,11 @@ class Discriminator(nn.Module):
     name and widens the next block's input by each layer's ``extra_features``. A layer whose ``flat_output`` is
     true (minibatch discrimination) returns flat features ``[n, in_features + extra]`` whatever its input: on a
     conv D it can only follow the last hidden block, where the head flattens anyway.
+
+    The same seed gives the same base network with or without inserted layers: every block and the head are
+    built at their base width on the networks' stream, which therefore moves as in every other arm, and then
+    widened for the inserted features (:func:`_widen_input`); the inserted layers' parameters and the widened
+    inputs' weights come from generators of their own (:func:`_own_seed`). Arms differ only in what they add.
     """
 
     n_outputs: int = 1
@@ -92,15 +142,21 @@ class Discriminator(nn.Module):
         width = in_width
         flat = not maps
         features = 0
+        added = 0  # features the inserted layers appended since the last block: its base width is without them
         for i in range(n_blocks):
-            block, width = make_block(i, width)
+            block, width = make_block(i, width - added)
+            if added:
+                _widen_input(block, added, _own_seed(i, WIDEN))
             self.blocks.append(block)
-            features = flat_size(i, width)
+            features = base_features = flat_size(i, width)
+            added = 0
             layers = []
             for ins, where in zip(inserts, at, strict=True):
                 if i not in where:
                     continue
-                layer = ins.make(features)
+                with torch.random.fork_rng(devices=[]):  # the networks' own stream does not move
+                    torch.manual_seed(_own_seed(i, len(layers)))
+                    layer = ins.make(width if maps and not flat else features)  # a map's channels, or flat width
                 extra = int(layer.extra_features)
                 if getattr(layer, "flat_output", False) and not flat:
                     if i != n_blocks - 1:
@@ -110,11 +166,14 @@ class Discriminator(nn.Module):
                         )
                     flat = True  # from here on the features are one flat vector per example
                 width += extra  # the next inserted layer (or block) sees the widened output
+                added += extra
                 features = features + extra if flat else flat_size(i, width)
                 layers.append(layer)
             if layers:
                 self.inserted[str(i)] = nn.Sequential(*layers)
-        self.head = make_head(features)
+        self.head = make_head(base_features)
+        if features != base_features:
+            _widen_input(self.head, features - base_features, _own_seed(n_blocks, WIDEN))
 
     def forward(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
         feats = []

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from ganlab.errors import Diverged
 from ganlab.losses import Objective
-from ganlab.nets.base import normalise_layers
+from ganlab.nets.base import batch_parts, normalise_layers
 from ganlab.nets.prior import Prior
 from ganlab.schedule import Schedule
 from ganlab.tricks.base import Player, Trick
@@ -430,10 +430,12 @@ class GANModule(pl.LightningModule):
         with no batch norm. One joint pass normalises both with the same statistics (138); D's norm in eval mode
         (running statistics of real data) would also see it, but amplified (2,340: ring8's small spread divides
         the distance) and with 15x the noise floor between two real batches, and it depends on running averages
-        D never trained through. Without batch norm (and no layer that looks across the batch before the matched
-        layers) the joint pass gives the same features as two passes."""
-        d_out, feats = self.D(torch.cat([real, fake]))
+        D never trained through. Without batch norm the joint pass gives the same features and fake logits as two
+        passes: a layer that looks across the batch (minibatch discrimination) compares real with real and fake
+        with fake only (:func:`batch_parts`), as the paper computes it per batch."""
         m = len(real)
+        with batch_parts(self.D, (m, len(fake))):
+            d_out, feats = self.D(torch.cat([real, fake]))
         return d_out[m:], [f[:m] for f in feats], [f[m:] for f in feats]
 
     def _log(self, logs: Mapping[str, Tensor]) -> None:

@@ -27,9 +27,10 @@ PLAYERS: tuple[Player, ...] = ("D", "G")
 class LayerInsert:
     """Layers a trick inserts into D after the hidden blocks ``layers`` (python-style indices, ``-1`` = the last).
 
-    ``make(in_features)`` builds one layer for a block whose output has ``in_features`` numbers per example; the
-    layer maps ``[n, w]`` (or ``[n, c, h, w]``) to ``[n, w + extra]`` (or ``[n, c + extra, h, w]``) and states
-    ``extra`` as its ``extra_features`` attribute, so the network widens the next block.
+    ``make(in_features)`` builds one layer for a block whose output has ``in_features`` features per example:
+    its width when flat, its channels when a feature map. The layer maps ``[n, w]`` (or ``[n, c, h, w]``) to
+    ``[n, w + extra]`` (or ``[n, c + extra, h, w]``; a ``flat_output`` layer to ``[n, c*h*w + extra]``) and
+    states ``extra`` as its ``extra_features`` attribute, so the network widens the next block.
     """
 
     layers: Sequence[int]
