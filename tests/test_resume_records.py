@@ -5,9 +5,11 @@ keeps what the finished run said (its status, final metrics, config and checkpoi
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import TINY, compose_cfg
 from ganlab.errors import UserError
@@ -50,3 +52,36 @@ def test_a_resume_from_another_run_into_a_folder_holding_a_run_is_refused(tmp_pa
     # the folder's own checkpoint named as a path is this folder's run: it extends
     extended = train(compose_cfg([*RING, "max_steps=6", "seed=1", f"resume={victim}"]), victim)
     assert extended["status"] == "completed" and extended["g_steps"] == 6
+
+
+def test_a_signal_in_the_last_step_completes_the_run(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    # the signal arrives during step 5 of 5: that step is evaluated and saved, nothing is left to stop
+    cfg = compose_cfg([*RING, "max_steps=5", "+tricks.sig._target_=test_records.SignalAt", "+tricks.sig.step=4",
+                       f"+tricks.sig.signum={int(signal.SIGTERM)}"])  # fmt: skip
+    summary = train(cfg, run)
+    assert summary["status"] == "completed" and summary["g_steps"] == 5 and summary["final"]
+    assert _summary(run)["status"] == "completed"
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["ganlab"]["g_step"] == 5
+
+
+def test_a_run_recorded_as_interrupted_at_its_last_step_is_completed_by_resume_auto(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    args = [*RING, "max_steps=4", "log_every=1"]
+    done = train(compose_cfg(args), run)
+    # what a SIGTERM in the last step left before: last.ckpt at max_steps, the record interrupted, no final
+    stuck = {k: v for k, v in done.items() if k != "final"}
+    stuck.update(status="interrupted", g_steps=4, error="SIGTERM at generator step 4", resume="rerun with resume=auto")
+    (run / "summary.json").write_text(json.dumps(stuck))
+    files = {k: v for k, v in _files(run).items() if k != "summary.json"}
+    summary = train(compose_cfg([*args, "resume=auto"]), run)
+    assert summary["status"] == "completed" and summary["g_steps"] == 4
+    assert summary["final"] == done["final"]  # read back from metrics.csv
+    assert "error" not in summary and "resume" not in summary
+    assert summary["attempts"][-1]["before"]["status"] == "interrupted"
+    assert _summary(run) == json.loads(json.dumps(summary))
+    assert {k: v for k, v in _files(run).items() if k != "summary.json"} == files  # nothing else touched
+    # and from then on it is a complete run: re-running it changes nothing
+    before = _files(run)
+    assert train(compose_cfg([*args, "resume=auto"]), run)["status"] == "completed"
+    assert _files(run) == before

@@ -318,7 +318,8 @@ class Preemption(pl.Callback):
     """SIGTERM and SIGUSR2 (what SLURM sends before a time limit or a preemption) stop the run *between*
     generator steps: at the end of the ``training_step`` call they arrived in (one step, or up to
     ``model.steps_per_call`` short ones: ~0.1 s of a 2-D MLP run) the checkpoint of that step is written, then
-    :class:`~ganlab.errors.Interrupted` ends the run (exit code 3, ``status: interrupted``).
+    :class:`~ganlab.errors.Interrupted` ends the run (exit code 3, ``status: interrupted``). A signal in the run's
+    last step stops nothing: that step's evaluation and checkpoint are done, so the run ends ``completed``.
 
     The handlers installed before ours (submitit's requeue on USR2) are kept in ``previous``; the pipeline calls
     them once the run's record is written. Lightning's own SIGTERM handler is replaced at train start: it would
@@ -377,8 +378,8 @@ class Preemption(pl.Callback):
 
     def _stop_if_asked(self, trainer: pl.Trainer, module: GANModule, *, now: bool = False) -> None:
         signum = self._agreed(trainer, now=now)
-        if signum is None:
-            return
+        if signum is None or module.g_step >= module.max_steps:
+            return  # the last step is done (evaluated and saved): the run completes instead of stopping
         if self.checkpoint.saved_step != module.g_step:
             self.checkpoint.save(trainer, module)
         name = signal.Signals(signum).name

@@ -6,6 +6,8 @@ The run folder (Hydra's working directory for the job) receives ``config.yaml`` 
 
 from __future__ import annotations
 
+import contextlib
+import csv
 import errno
 import logging
 import os
@@ -32,7 +34,7 @@ from ganlab.checkpoint import load as load_checkpoint
 from ganlab.data import describe
 from ganlab.ddp import GANDDPStrategy, cluster_launched, devices_per_node, launch_rank, world_size
 from ganlab.errors import Diverged, Interrupted, UserError
-from ganlab.record import RunRecord, read_json, resolve_resume
+from ganlab.record import RunRecord, git_commit, read_json, resolve_resume, write_json
 from ganlab.tasks.gan import GANModule
 from ganlab.tracking import Logging, dashboard_config, finish_wandb, make_loggers
 from ganlab.tricks.base import Trick, network_args
@@ -385,6 +387,68 @@ def _finish_signal(exc: Interrupted, previous: Mapping[int, Any]) -> None:
         handler(exc.signum, None)
 
 
+def final_from_csv(path: Path, step: int) -> dict[str, float]:
+    """What a run's ``final`` would hold, read back from its ``metrics.csv``: each column's last value logged at or
+    before generator step ``step`` (``step/*`` columns left out, as in ``final``); ``{}`` without the file."""
+    final: dict[str, float] = {}
+    if not path.is_file():
+        return final
+    with path.open(newline="") as f:
+        for row in csv.DictReader(f):
+            try:
+                if int(float(row.get("step") or "nan")) > step:
+                    continue
+            except ValueError:
+                continue
+            for key, value in row.items():
+                if key and key != "step" and not key.startswith("step/") and value not in (None, ""):
+                    with contextlib.suppress(ValueError):
+                        final[key] = float(value)
+    return final
+
+
+def _complete_from_checkpoint(
+    run_dir: Path, ckpt: Path, state: Mapping[str, Any], previous: Mapping[str, Any]
+) -> dict[str, Any]:
+    """Close the record of a run whose last step was trained, evaluated and saved but whose record never said so
+    (a signal in its last step, a kill before the record's last write): nothing is left to train, so the record
+    becomes ``completed`` with the final values its ``metrics.csv`` holds; no other file changes. What the record
+    said before is kept in the new entry of ``attempts``."""
+    step = int(state["ganlab"]["g_step"])
+    final = final_from_csv(run_dir / "metrics.csv", step) or dict(previous.get("final") or {})
+    data = {k: v for k, v in previous.items() if k not in ("error", "resume")}
+    attempts = list(previous.get("attempts") or [])
+    attempts.append(
+        {
+            "completed_from": str(ckpt),
+            "from_step": step,
+            "git_commit": git_commit(),
+            "before": {k: previous[k] for k in ("status", "error", "g_steps", "final") if k in previous},
+            "note": "no step left to train: the record was completed from the checkpoint and metrics.csv",
+        }
+    )
+    data.update(
+        status="completed",
+        g_steps=step,
+        d_updates=int(state["ganlab"].get("d_updates", previous.get("d_updates", 0))),
+        final=final,
+        attempts=attempts,
+    )
+    if "global_step" in state:
+        data["global_step"] = int(state["global_step"])
+    try:
+        write_json(run_dir / "summary.json", data)
+    except OSError as exc:
+        raise UserError(f"cannot write {run_dir / 'summary.json'} ({exc.strerror or exc})") from None
+    print(
+        f"run already at its last step ({step} generator steps) but recorded as {previous.get('status', 'unknown')}: "
+        f"record completed from its checkpoint: {run_dir}",
+        flush=True,
+    )
+    print(final_line(final), flush=True)
+    return data
+
+
 def train(cfg: DictConfig, run_dir: Path, *, identity: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Train one run into ``run_dir`` and return its summary (also written to ``summary.json``, see
     :class:`ganlab.record.RunRecord`).
@@ -410,6 +474,8 @@ def train(cfg: DictConfig, run_dir: Path, *, identity: Mapping[str, Any] | None 
         if same_folder and previous.get("status") == "completed":
             print(f"run already complete ({cfg.max_steps} generator steps): {run_dir}", flush=True)
             return previous
+        if same_folder and previous:  # stopped after its last step was saved (a signal in it, a kill before the end)
+            return _complete_from_checkpoint(run_dir, ckpt, state, previous)
         raise UserError(
             f"the checkpoint is already at max_steps={cfg.max_steps}: nothing to train (raise max_steps to extend "
             "the run, or evaluate it with src/eval.py)"
