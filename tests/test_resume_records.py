@@ -85,3 +85,19 @@ def test_a_run_recorded_as_interrupted_at_its_last_step_is_completed_by_resume_a
     before = _files(run)
     assert train(compose_cfg([*args, "resume=auto"]), run)["status"] == "completed"
     assert _files(run) == before
+
+
+def test_extending_a_completed_run_keeps_its_completed_record_and_checkpoint(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    first = train(compose_cfg([*RING, "max_steps=3"]), run)
+    ckpt_before = (run / "checkpoints" / "last.ckpt").read_bytes()
+    extended = train(compose_cfg([*RING, "max_steps=6", "resume=auto"]), run)
+    assert extended["status"] == "completed" and extended["g_steps"] == 6
+    entry = extended["attempts"][-1]
+    before = entry["before"]
+    assert before["status"] == "completed" and before["final"] == first["final"] and before["g_steps"] == 3
+    assert before["train_time_s"] == first["train_time_s"] and before["wall_time_s"] == first["wall_time_s"]
+    assert entry["kept_checkpoint"] == "checkpoints/step_0000003.ckpt"
+    assert (run / entry["kept_checkpoint"]).read_bytes() == ckpt_before  # the completed run's checkpoint, as it was
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["ganlab"]["g_step"] == 6
+    assert _summary(run)["attempts"][-1]["before"] == before

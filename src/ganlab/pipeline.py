@@ -11,6 +11,7 @@ import csv
 import errno
 import logging
 import os
+import shutil
 import signal
 import time
 import warnings
@@ -319,7 +320,7 @@ def _resume_point(cfg: DictConfig, run_dir: Path, previous: Mapping[str, Any]) -
             )
         return None, None
     holds = previous or any((run_dir / name).exists() for name in ("checkpoints/last.ckpt", "metrics.csv"))
-    if holds and ckpt.parent.parent.resolve() != run_dir.resolve():
+    if holds and not same_folder(ckpt, run_dir):
         raise UserError(
             f"{run_dir} already holds a run ({previous.get('status', 'unknown')}): a resume from another run's "
             f"checkpoint ({ckpt}) needs a new folder (resume=auto continues this folder's own run)"
@@ -329,6 +330,26 @@ def _resume_point(cfg: DictConfig, run_dir: Path, previous: Mapping[str, Any]) -
     if step > cfg.max_steps:
         raise UserError(f"max_steps={cfg.max_steps} is below the checkpoint's generator step {step} ({ckpt})")
     return ckpt, state
+
+
+def same_folder(ckpt: Path, run_dir: Path) -> bool:
+    """Whether ``ckpt`` is one of ``run_dir``'s own checkpoints."""
+    return ckpt.parent.parent.resolve() == run_dir.resolve()
+
+
+def keep_checkpoint(ckpt: Path, step: int) -> str:
+    """Copy ``ckpt`` (a completed run's ``last.ckpt``, about to be extended and overwritten) to
+    ``checkpoints/step_<step>.ckpt`` beside it, atomically; an existing copy is kept as it is. Returns the copy's
+    path relative to the run folder."""
+    target = ckpt.parent / f"step_{step:07d}.ckpt"
+    if not target.exists():
+        tmp = target.with_suffix(".tmp")
+        try:
+            shutil.copy2(ckpt, tmp)
+            tmp.replace(target)
+        finally:
+            tmp.unlink(missing_ok=True)
+    return str(target.relative_to(ckpt.parent.parent))
 
 
 def saved_threads(state: Mapping[str, Any] | None) -> int | None:
@@ -470,11 +491,11 @@ def train(cfg: DictConfig, run_dir: Path, *, identity: Mapping[str, Any] | None 
     previous = read_json(run_dir / "summary.json")
     ckpt, state = _resume_point(cfg, run_dir, previous)
     if state is not None and int(state["ganlab"]["g_step"]) == cfg.max_steps:
-        same_folder = ckpt.parent.parent.resolve() == run_dir.resolve()
-        if same_folder and previous.get("status") == "completed":
+        own = same_folder(ckpt, run_dir)
+        if own and previous.get("status") == "completed":
             print(f"run already complete ({cfg.max_steps} generator steps): {run_dir}", flush=True)
             return previous
-        if same_folder and previous:  # stopped after its last step was saved (a signal in it, a kill before the end)
+        if own and previous:  # stopped after its last step was saved (a signal in it, a kill before the end)
             return _complete_from_checkpoint(run_dir, ckpt, state, previous)
         raise UserError(
             f"the checkpoint is already at max_steps={cfg.max_steps}: nothing to train (raise max_steps to extend "
@@ -502,6 +523,12 @@ def train(cfg: DictConfig, run_dir: Path, *, identity: Mapping[str, Any] | None 
         if state is not None:
             check_compatible(state, current, ckpt)
         written = True  # from here on the run owns the folder: its record says how it ends
+        last = run_dir / "checkpoints" / "last.ckpt"
+        if state is not None and record.previous.get("status") == "completed" and same_folder(ckpt, run_dir):
+            # the completed run's checkpoint stays: this attempt overwrites last.ckpt
+            step = int(state["ganlab"]["g_step"]) if ckpt.resolve() == last.resolve() else read_checkpoint_step(last)
+            if step is not None:
+                record.note_attempt(kept_checkpoint=keep_checkpoint(last, step))
         record.save()
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
         record.update(data=describe(module.data))  # how the data set is judged and previewed (the report reads it)
@@ -513,7 +540,7 @@ def train(cfg: DictConfig, run_dir: Path, *, identity: Mapping[str, Any] | None 
         )
         said = Logging()
         history = None
-        if ckpt is not None and ckpt.parent.parent.resolve() != run_dir.resolve():
+        if ckpt is not None and not same_folder(ckpt, run_dir):
             history = ckpt.parent.parent / "metrics.csv"  # resumed into a new folder: start from the source's rows
         loggers = make_loggers(
             cfg.logger,

@@ -55,6 +55,22 @@ def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
     return path
 
 
+# what a record says about how its run (or its latest attempt) went: kept per attempt when a run is continued
+OUTCOME_KEYS = (
+    "status",
+    "error",
+    "resume",
+    "final",
+    "g_steps",
+    "d_updates",
+    "global_step",
+    "train_time_s",
+    "wall_time_s",
+    "eval_time_s",
+    "overrides",
+)
+
+
 def write_json(path: Path, obj: Mapping[str, Any]) -> None:
     """Write ``obj`` as JSON atomically (a kill leaves either the old file or the new one; a failed write, e.g. a
     full disk, leaves the old file and no temporary one)."""
@@ -76,13 +92,16 @@ class RunRecord:
     as ``completed``, ``interrupted``, ``diverged`` or ``failed``.
 
     A run resumed in its own folder keeps what its record already said (its W&B id, the data declaration...) and
-    appends the attempt to ``attempts``; a run resumed from another folder's checkpoint adopts that run's W&B id.
+    appends the attempt to ``attempts``, whose ``before`` keeps what the record said of the earlier attempt (its
+    status, final values, steps, times and overrides: an extended completed run keeps its completed record there);
+    a run resumed from another folder's checkpoint adopts that run's W&B id.
     """
 
     def __init__(self, folder: Path, **fields: Any) -> None:
         self.path = Path(folder) / "summary.json"
         self.previous = read_json(self.path)  # what an earlier run in this folder recorded (its W&B id...)
         self.data: dict[str, Any] = {"status": "running", "git_commit": git_commit(), **fields}
+        self.continued = False  # a resumed run: its attempt is the last entry of ``attempts``
 
     def __getitem__(self, key: str) -> Any:
         return self.data[key]
@@ -105,11 +124,24 @@ class RunRecord:
     def resume_from(self, ckpt: Path, step: int) -> None:
         """Record that this run continues from ``ckpt`` (at generator step ``step``)."""
         source = ckpt.parent.parent / "summary.json"
+        entry: dict[str, Any] = {
+            "resumed_from": str(ckpt),
+            "from_step": step,
+            "git_commit": self.data.get("git_commit"),
+        }
         if source.resolve() == self.path.resolve():
             kept = {k: v for k, v in self.previous.items() if k not in ("status", "error", "final", "resume")}
             self.data = {**kept, **self.data}
+            # what the record said before this attempt (a completed run's status and final among it) stays here
+            entry["before"] = {k: self.previous[k] for k in OUTCOME_KEYS if k in self.previous}
         else:
             self.previous = read_json(source)
         attempts = list(self.data.get("attempts") or [])
-        attempts.append({"resumed_from": str(ckpt), "from_step": step, "git_commit": self.data.get("git_commit")})
+        attempts.append(entry)
         self.data.update(resumed_from=str(ckpt), attempts=attempts)
+        self.continued = True
+
+    def note_attempt(self, **fields: Any) -> None:
+        """Add ``fields`` to this attempt's entry in ``attempts`` (nothing for a run that is not a continuation)."""
+        if self.continued:
+            self.data["attempts"][-1].update(fields)
