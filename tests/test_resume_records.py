@@ -101,3 +101,19 @@ def test_extending_a_completed_run_keeps_its_completed_record_and_checkpoint(tmp
     assert (run / entry["kept_checkpoint"]).read_bytes() == ckpt_before  # the completed run's checkpoint, as it was
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["ganlab"]["g_step"] == 6
     assert _summary(run)["attempts"][-1]["before"] == before
+
+
+def test_each_attempt_keeps_its_config(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    train(compose_cfg([*RING, "max_steps=3"]), run)
+    first = (run / "config.yaml").read_bytes()
+    train(compose_cfg([*RING, "max_steps=5", "model.optim_g.lr=0.0001", "resume=auto"]), run)
+    second = (run / "config.yaml").read_bytes()
+    assert (run / "config.attempt1.yaml").read_bytes() == first and b"max_steps: 5" in second
+    summary = train(compose_cfg([*RING, "max_steps=7", "resume=auto"]), run)
+    assert (run / "config.attempt1.yaml").read_bytes() == first  # an earlier copy is never rewritten
+    assert (run / "config.attempt2.yaml").read_bytes() == second and b"max_steps: 7" in (
+        run / "config.yaml"
+    ).read_bytes()
+    assert [a["before"]["config"] for a in summary["attempts"]] == ["config.attempt1.yaml", "config.attempt2.yaml"]
+    assert not list(run.glob("*.tmp"))

@@ -35,7 +35,7 @@ from ganlab.checkpoint import load as load_checkpoint
 from ganlab.data import describe
 from ganlab.ddp import GANDDPStrategy, cluster_launched, devices_per_node, launch_rank, world_size
 from ganlab.errors import Diverged, Interrupted, UserError
-from ganlab.record import RunRecord, git_commit, read_json, resolve_resume, write_json
+from ganlab.record import RunRecord, git_commit, keep_config, read_json, resolve_resume, write_json, write_text
 from ganlab.tasks.gan import GANModule
 from ganlab.tracking import Logging, dashboard_config, finish_wandb, make_loggers
 from ganlab.tricks.base import Trick, network_args
@@ -529,8 +529,12 @@ def train(cfg: DictConfig, run_dir: Path, *, identity: Mapping[str, Any] | None 
             step = int(state["ganlab"]["g_step"]) if ckpt.resolve() == last.resolve() else read_checkpoint_step(last)
             if step is not None:
                 record.note_attempt(kept_checkpoint=keep_checkpoint(last, step))
+        if record.continued and same_folder(ckpt, run_dir):  # the earlier attempt's config stays beside the new one
+            kept = keep_config(run_dir, len(record["attempts"]))
+            if kept is not None:
+                record["attempts"][-1]["before"]["config"] = kept
         record.save()
-        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+        write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
         record.update(data=describe(module.data))  # how the data set is judged and previewed (the report reads it)
         n_params = {f"params/{name.lower()}": sum(p.numel() for p in net.parameters()) for name, net in
                     (("G", module.G), ("D", module.D))}  # fmt: skip

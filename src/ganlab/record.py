@@ -71,15 +71,33 @@ OUTCOME_KEYS = (
 )
 
 
-def write_json(path: Path, obj: Mapping[str, Any]) -> None:
-    """Write ``obj`` as JSON atomically (a kill leaves either the old file or the new one; a failed write, e.g. a
-    full disk, leaves the old file and no temporary one)."""
-    tmp = path.with_suffix(".tmp")
+def write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (a kill leaves either the old file or the new one; a failed write, e.g.
+    a full disk, leaves the old file and no temporary one)."""
+    tmp = path.with_name(path.name + ".tmp")
     try:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+        tmp.write_text(text)
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_json(path: Path, obj: Mapping[str, Any]) -> None:
+    """Write ``obj`` as JSON atomically (see :func:`write_text`)."""
+    write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def keep_config(run_dir: Path, attempt: int) -> str | None:
+    """Keep the run folder's ``config.yaml`` (the config of attempt ``attempt``, about to be replaced by the next
+    attempt's) as ``config.attempt<attempt>.yaml``, atomically; an existing copy stays as it is. Returns the copy's
+    name, or None when there is no config.yaml."""
+    current = run_dir / "config.yaml"
+    if not current.is_file():
+        return None
+    target = run_dir / f"config.attempt{attempt}.yaml"
+    if not target.exists():
+        write_text(target, current.read_text())
+    return target.name
 
 
 def read_json(path: Path) -> dict[str, Any]:
