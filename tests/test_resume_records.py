@@ -117,3 +117,23 @@ def test_each_attempt_keeps_its_config(tmp_path: Path) -> None:
     ).read_bytes()
     assert [a["before"]["config"] for a in summary["attempts"]] == ["config.attempt1.yaml", "config.attempt2.yaml"]
     assert not list(run.glob("*.tmp"))
+
+
+def test_each_attempt_keeps_its_overrides_and_times_and_the_totals_add_up(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    identity = {"overrides": ["max_steps=3"]}
+    first = train(compose_cfg([*RING, "max_steps=3"]), run, identity=identity)
+    train(
+        compose_cfg([*RING, "max_steps=5", "resume=auto"]), run, identity={"overrides": ["max_steps=5", "resume=auto"]}
+    )
+    last = train(compose_cfg([*RING, "max_steps=7", "resume=auto"]), run, identity={"overrides": ["max_steps=7"]})
+    a, b = last["attempts"]
+    assert a["before"]["overrides"] == ["max_steps=3"] and a["overrides"] == ["max_steps=5", "resume=auto"]
+    assert b["overrides"] == ["max_steps=7"] == last["overrides"]
+    assert a["status"] == b["status"] == "completed" and (a["g_steps"], b["g_steps"]) == (5, 7)
+    for key in ("train_time_s", "wall_time_s", "eval_time_s"):
+        own = [first[key], a[key], b[key]]
+        assert a["before"][key] == first[key]
+        assert b["before"][key] == pytest.approx(first[key] + a[key], abs=0.011)  # the totals before attempt 3
+        assert last[key] == pytest.approx(sum(own), abs=0.021), (key, own, last[key])
+        assert last[key] >= max(own)

@@ -509,6 +509,8 @@ def train(cfg: DictConfig, run_dir: Path, *, identity: Mapping[str, Any] | None 
     interrupted: Interrupted | None = None
     trainer: pl.Trainer | None = None
     fitted = False
+    t_fit: float | None = None  # when training began, and ended (None: it did not)
+    t_fitted: float | None = None
     written = False  # nothing in the folder changes until every check (load, build, compatibility) has passed
     try:
         if ckpt is not None:
@@ -569,7 +571,8 @@ def train(cfg: DictConfig, run_dir: Path, *, identity: Mapping[str, Any] | None 
         }
 
         def worker_failed(reason: str) -> None:
-            record.update(status="failed", error=reason, wall_time_s=round(time.time() - t0, 2))
+            record.update(status="failed", error=reason)
+            record.add_times(wall_time_s=round(time.time() - t0, 2))
             record.try_save()
 
         try:
@@ -585,6 +588,7 @@ def train(cfg: DictConfig, run_dir: Path, *, identity: Mapping[str, Any] | None 
         )
         t_fit = time.time()
         trainer.fit(module, ckpt_path=str(ckpt) if ckpt else None, weights_only=True)
+        t_fitted = time.time()
         fitted = True
         record.update(
             status="completed",
@@ -592,8 +596,6 @@ def train(cfg: DictConfig, run_dir: Path, *, identity: Mapping[str, Any] | None 
             d_updates=module.d_updates,
             global_step=trainer.global_step,
             final={k: v for k, v in module.last_logged.items() if not k.startswith("step/")},
-            train_time_s=round(time.time() - t_fit, 2),
-            eval_time_s=round(sum(getattr(cb, "seconds", 0.0) for cb in cbs), 2),
         )
         print(final_line(record["final"]), flush=True)
     except Interrupted as exc:
@@ -628,7 +630,14 @@ def train(cfg: DictConfig, run_dir: Path, *, identity: Mapping[str, Any] | None 
         launcher = getattr(getattr(trainer, "strategy", None), "launcher", None)
         if hasattr(launcher, "finish"):  # DDP: the other local ranks end with this one
             launcher.finish(ok=fitted or interrupted is not None)
-        record.update(wall_time_s=round(time.time() - t0, 2))
+        if t_fit is not None:  # this attempt's own times; the top level holds the folder's totals
+            fit_end = t_fitted if t_fitted is not None else time.time()
+            record.add_times(
+                train_time_s=round(fit_end - t_fit, 2),
+                eval_time_s=round(sum(getattr(cb, "seconds", 0.0) for cb in cbs), 2),
+            )
+        record.add_times(wall_time_s=round(time.time() - t0, 2))
+        record.note_attempt(status=record["status"], g_steps=record.data.get("g_steps"))
         governor = next((cb for cb in cbs if isinstance(cb, ThreadGovernor)), None)
         if governor is not None:  # else it stopped before training: a resumed folder's earlier record stays
             record.update(thread_changes=governor.changes)

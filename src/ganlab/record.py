@@ -69,6 +69,7 @@ OUTCOME_KEYS = (
     "eval_time_s",
     "overrides",
 )
+TIME_KEYS = ("train_time_s", "wall_time_s", "eval_time_s")
 
 
 def write_text(path: Path, text: str) -> None:
@@ -120,6 +121,7 @@ class RunRecord:
         self.previous = read_json(self.path)  # what an earlier run in this folder recorded (its W&B id...)
         self.data: dict[str, Any] = {"status": "running", "git_commit": git_commit(), **fields}
         self.continued = False  # a resumed run: its attempt is the last entry of ``attempts``
+        self.earlier_times: dict[str, float] = {}  # resumed in its own folder: the totals of the earlier attempts
 
     def __getitem__(self, key: str) -> Any:
         return self.data[key]
@@ -146,8 +148,11 @@ class RunRecord:
             "resumed_from": str(ckpt),
             "from_step": step,
             "git_commit": self.data.get("git_commit"),
+            "overrides": self.data.get("overrides"),
         }
         if source.resolve() == self.path.resolve():
+            # the folder's totals so far: this attempt's own times are added to them (add_times)
+            self.earlier_times = {k: float(self.previous.get(k) or 0.0) for k in TIME_KEYS}
             kept = {k: v for k, v in self.previous.items() if k not in ("status", "error", "final", "resume")}
             self.data = {**kept, **self.data}
             # what the record said before this attempt (a completed run's status and final among it) stays here
@@ -158,6 +163,13 @@ class RunRecord:
         attempts.append(entry)
         self.data.update(resumed_from=str(ckpt), attempts=attempts)
         self.continued = True
+
+    def add_times(self, **own: float) -> None:
+        """Record this attempt's own times (``train_time_s``, ``wall_time_s``, ``eval_time_s``): in its entry of
+        ``attempts`` and, added to the earlier attempts' totals in this folder, at the top level (the run's
+        totals: the first run's own times, in ``attempts[0]["before"]``, plus every attempt's)."""
+        self.note_attempt(**own)
+        self.data.update({k: round(self.earlier_times.get(k, 0.0) + v, 2) for k, v in own.items()})
 
     def note_attempt(self, **fields: Any) -> None:
         """Add ``fields`` to this attempt's entry in ``attempts`` (nothing for a run that is not a continuation)."""
