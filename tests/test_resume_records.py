@@ -137,3 +137,39 @@ def test_each_attempt_keeps_its_overrides_and_times_and_the_totals_add_up(tmp_pa
         assert b["before"][key] == pytest.approx(first[key] + a[key], abs=0.011)  # the totals before attempt 3
         assert last[key] == pytest.approx(sum(own), abs=0.021), (key, own, last[key])
         assert last[key] >= max(own)
+
+
+def test_a_branch_into_a_new_folder_gets_its_own_wandb_run_and_eval_keeps_the_runs_config(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import wandb
+
+    from ganlab import tracking
+    from ganlab.evaluate import evaluate
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    common = [*TINY, "model.lr_decay=none", "logger=wandb"]
+    source = train(compose_cfg([*common, "max_steps=3"]), tmp_path / "a")
+    wandb.teardown()  # the W&B service writes its logs until it ends
+    before = _files(tmp_path / "a")
+    branch = train(compose_cfg([*common, "max_steps=5", f"resume={tmp_path / 'a'}"]), tmp_path / "b")
+    assert branch["wandb_id"] != source["wandb_id"] and branch["parent_wandb_id"] == source["wandb_id"]
+    assert branch["attempts"][-1]["parent_wandb_id"] == source["wandb_id"]
+    wandb.teardown()
+    assert _files(tmp_path / "a") == before
+    # resuming the branch in its own folder continues the branch's W&B run
+    again = train(compose_cfg([*common, "max_steps=6", "resume=auto"]), tmp_path / "b")
+    assert again["wandb_id"] == branch["wandb_id"] and again["parent_wandb_id"] == source["wandb_id"]
+    wandb.teardown()
+    # an evaluation logs into the run's W&B run without replacing the config it trained with
+    seen: list[dict] = []
+    original = tracking.StepWandbLogger.__init__
+
+    def spy(self, **kwargs):
+        seen.append(kwargs)
+        original(self, **kwargs)
+
+    monkeypatch.setattr(tracking.StepWandbLogger, "__init__", spy)
+    evaluate(tmp_path / "b", ["metrics.n_samples=200"])
+    wandb.teardown()
+    assert seen and all(k["id"] == branch["wandb_id"] and k.get("config") is None for k in seen)

@@ -136,7 +136,8 @@ def _wandb_loggers(run: LoadedRun) -> list:
     logger_cfg = OmegaConf.merge(logger_cfg, {"csv": False})
     identity = {k: run.summary.get(k) for k in ("overrides", "choices", "job_num", "sweep")}
     config = dashboard_config(OmegaConf.to_container(run.cfg, resolve=True), identity)
-    return make_loggers(logger_cfg, run.run_dir, config, wandb_id=wandb_id)
+    # config only names the W&B run: the training run's recorded config is left as it trained
+    return make_loggers(logger_cfg, run.run_dir, config, wandb_id=wandb_id, record_config=False)
 
 
 def evaluate(target: str | Path, overrides: Sequence[str] = (), *, log: bool = True) -> dict[str, Any]:

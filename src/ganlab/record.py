@@ -113,7 +113,8 @@ class RunRecord:
     A run resumed in its own folder keeps what its record already said (its W&B id, the data declaration...) and
     appends the attempt to ``attempts``, whose ``before`` keeps what the record said of the earlier attempt (its
     status, final values, steps, times and overrides: an extended completed run keeps its completed record there);
-    a run resumed from another folder's checkpoint adopts that run's W&B id.
+    a run resumed from another folder's checkpoint is a new run with its own W&B id (``parent_wandb_id`` names the
+    source's).
     """
 
     def __init__(self, folder: Path, **fields: Any) -> None:
@@ -157,8 +158,11 @@ class RunRecord:
             self.data = {**kept, **self.data}
             # what the record said before this attempt (a completed run's status and final among it) stays here
             entry["before"] = {k: self.previous[k] for k in OUTCOME_KEYS if k in self.previous}
-        else:
-            self.previous = read_json(source)
+        else:  # a branch into a new folder: its own W&B run, the source's named as its parent
+            parent = read_json(source).get("wandb_id")
+            if parent:
+                entry["parent_wandb_id"] = parent
+                self.data["parent_wandb_id"] = parent
         attempts = list(self.data.get("attempts") or [])
         attempts.append(entry)
         self.data.update(resumed_from=str(ckpt), attempts=attempts)

@@ -191,13 +191,16 @@ def make_loggers(
     keep_until: int | None = None,
     history: Path | None = None,
     said: Logging | None = None,
+    record_config: bool = True,
 ) -> list[Logger]:
     """The CSV logger (``metrics.csv`` in the run folder) and, unless disabled, the W&B logger.
 
     ``run_config`` is what W&B records (:func:`dashboard_config`). ``keep_until``: the generator step a resumed
     run continues from (its CSV keeps the rows up to it); ``history``: the source run's ``metrics.csv`` when
-    resuming into a new folder. ``said`` collects, in words, where the run logs. An unreachable W&B server never
-    stops training for long: online start gives up after ``W_AND_B_TIMEOUT_S`` and the run logs offline.
+    resuming into a new folder. ``record_config=False``: the W&B run's config is left as it is (an evaluation
+    logging into a training run must not replace the config that run trained with). ``said`` collects, in words,
+    where the run logs. An unreachable W&B server never stops training for long: online start gives up after
+    ``W_AND_B_TIMEOUT_S`` and the run logs offline.
     """
     said = said if said is not None else Logging()
     loggers: list[Logger] = []
@@ -218,7 +221,7 @@ def make_loggers(
         tags=list(wb.tags),
         name=wb.name or run_name(run_config),
         save_dir=str(run_dir),
-        config=run_config,
+        config=run_config if record_config else None,
         id=wandb_id,
         resume="allow" if wandb_id else None,
     )
