@@ -52,9 +52,19 @@ def interpolation_noise(module: Any, seed: int, steps: int) -> Tensor:
     return path.to(module.device)
 
 
+def _check_out(out: str) -> Path:
+    """``out=``: a new or empty folder (earlier samples are never overwritten); checked before the model loads."""
+    path = Path(out).expanduser()
+    if path.exists() and not path.is_dir():
+        raise UserError(f"out={out}: exists and is not a folder")
+    if path.is_dir() and any(path.iterdir()):
+        raise UserError(f"out={out}: the folder is not empty (nothing is overwritten: choose a new folder)")
+    return path
+
+
 def _out_dir(run_dir: Path, out: str | None, n: int, seed: int) -> Path:
     if out:
-        return Path(out).expanduser()
+        return _check_out(out)
     path, k = run_dir / "generated" / f"n{n}_seed{seed}", 2
     while path.exists():
         path, k = run_dir / "generated" / f"n{n}_seed{seed}-{k}", k + 1
@@ -69,11 +79,20 @@ def generate(
 
     if n < 1 or steps < 2:
         raise UserError(f"n must be >= 1 and steps >= 2 (got n={n}, steps={steps})")
+    if out:
+        _check_out(out)  # before the model is built
     run = load_run(target)
+    folder = _out_dir(run.run_dir, out, n, seed)
+    try:
+        return _write(run.module, folder, n, seed, steps)
+    except OSError as exc:
+        where = exc.filename or folder
+        raise UserError(f"{where}: cannot write ({exc.strerror or exc})") from None
+
+
+def _write(module: Any, folder: Path, n: int, seed: int, steps: int) -> dict[str, Any]:
     from ganlab.callbacks import save_preview
 
-    module = run.module
-    folder = _out_dir(run.run_dir, out, n, seed)
     folder.mkdir(parents=True, exist_ok=True)
     samples = module.sample(n, seed=seed)
     path = module.sample(z=interpolation_noise(module, seed, steps))
