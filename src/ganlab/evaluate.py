@@ -150,11 +150,20 @@ def evaluate(target: str | Path, overrides: Sequence[str] = (), *, log: bool = T
     from ganlab.record import read_json, write_json
     from ganlab.tracking import finish_wandb
 
+    folder = run.run_dir / EVALS
+    index = folder / INDEX
+    if folder.exists() and not folder.is_dir():  # where the results go is checked before the metrics are computed
+        raise UserError(f"{folder}: exists and is not a folder (the evaluations go there): move it away")
+    if index.exists() and not index.is_file():
+        raise UserError(f"{index}: exists and is not a file")
+    earlier = read_json(index).get("evals", [])  # a damaged index is one line, before the work
     callback = metrics_callback(run.cfg)
     callback.on_fit_start(None, run.module)  # builds the evaluator for the module's data set and device
     metrics = callback.evaluate(SimpleNamespace(loggers=[]), run.module)
-    folder = run.run_dir / EVALS
-    folder.mkdir(exist_ok=True)
+    try:
+        folder.mkdir(exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"{folder}: cannot be created ({exc.strerror or exc})") from None
     path = _new_file(folder, _protocol_name(overrides))
     entry = {
         "file": path.name,
@@ -166,9 +175,11 @@ def evaluate(target: str | Path, overrides: Sequence[str] = (), *, log: bool = T
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "seconds": round(time.perf_counter() - t0, 2),
     }
-    write_json(path, entry)
-    index = folder / INDEX
-    write_json(index, {"evals": [*read_json(index).get("evals", []), entry]})
+    try:
+        write_json(path, entry)
+        write_json(index, {"evals": [*earlier, entry]})
+    except OSError as exc:
+        raise UserError(f"{exc.filename or folder}: cannot write the evaluation ({exc.strerror or exc})") from None
     if log:
         loggers = _wandb_loggers(run)
         try:

@@ -37,7 +37,7 @@ from ganlab.ddp import GANDDPStrategy, cluster_launched, devices_per_node, launc
 from ganlab.errors import Diverged, Interrupted, UserError
 from ganlab.record import RunRecord, git_commit, keep_config, read_json, resolve_resume, write_json, write_text
 from ganlab.tasks.gan import GANModule
-from ganlab.tracking import Logging, dashboard_config, finish_wandb, make_loggers
+from ganlab.tracking import Logging, dashboard_config, finish_wandb, kept_rows, make_loggers
 from ganlab.tricks.base import Trick, network_args
 
 NVML_CHECK = "PYTORCH_NVML_BASED_CUDA_CHECK"
@@ -524,6 +524,9 @@ def train(cfg: DictConfig, run_dir: Path, *, identity: Mapping[str, Any] | None 
         current = fingerprint(cfg, **resolved)
         if state is not None:
             check_compatible(state, current, ckpt)
+            rows = run_dir / "metrics.csv" if same_folder(ckpt, run_dir) else ckpt.parent.parent / "metrics.csv"
+            if cfg.logger.get("csv") and rows.is_file():
+                kept_rows(rows, int(state["ganlab"]["g_step"]))  # a damaged history is refused before any write
         written = True  # from here on the run owns the folder: its record says how it ends
         last = run_dir / "checkpoints" / "last.ckpt"
         if state is not None and record.previous.get("status") == "completed" and same_folder(ckpt, run_dir):

@@ -102,8 +102,19 @@ def keep_config(run_dir: Path, attempt: int) -> str | None:
 
 
 def read_json(path: Path) -> dict[str, Any]:
-    """A JSON record, or ``{}`` when there is none."""
-    return json.loads(path.read_text()) if path.is_file() else {}
+    """A JSON record, or ``{}`` when there is none; a damaged one (cut short, not an object) is a one-line
+    :class:`UserError` naming the file (nothing is written over it)."""
+    if not path.is_file():
+        return {}
+    try:
+        obj = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{path}: not readable JSON ({exc}): the file is damaged; it is left as it is") from None
+    except OSError as exc:
+        raise UserError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"{path}: not a JSON record (a {type(obj).__name__}, not an object)")
+    return obj
 
 
 class RunRecord:

@@ -564,12 +564,16 @@ def read_curves(run_dir: Path) -> dict[str, dict[int, float]]:
     if not path.is_file():
         return curves
     with path.open(newline="") as fh:
-        for row in csv.DictReader(fh):
+        reader = csv.DictReader(fh)
+        for row in reader:
             # Lightning's CSV ``step`` is the step passed to log_metrics: the generator step in this pipeline
             step_text = row.get("step") or row.get("step/g")
             if not step_text:
                 continue
-            step = int(float(step_text))
+            try:
+                step = int(float(step_text))
+            except (TypeError, ValueError, OverflowError):
+                raise ReportError(f"{path}: line {reader.line_num}: step {step_text!r} is not a number") from None
             for name, text in row.items():
                 if name in _CSV_COUNTERS or name is None or text in (None, ""):
                     continue
@@ -801,6 +805,11 @@ def write_report(root: Path, *, plots: bool = True, baseline: str = DEFAULT_BASE
     root = Path(root)
     if not root.is_dir():
         raise ReportError(f"no such folder: {root}")
+    for name in ("report.md", "report.json"):  # where the report goes: checked before any work
+        if (root / name).exists() and not (root / name).is_file():
+            raise ReportError(f"{root / name}: exists and is not a file: move it away")
+    if plots and (root / "plots").exists() and not (root / "plots").is_dir():
+        raise ReportError(f"{root / 'plots'}: exists and is not a folder: move it away (or --no-plots)")
     runs = find_runs(root)
     if not runs and not (root / "multirun.yaml").is_file():
         raise ReportError(
@@ -808,18 +817,21 @@ def write_report(root: Path, *, plots: bool = True, baseline: str = DEFAULT_BASE
         )
     report = aggregate(root, runs, baseline=baseline)
     report["baseline"] = baseline
-    if plots:
-        grouped = group_runs(runs)
-        for data, ds in report["datasets"].items():
-            folder = root / "plots" / _safe(data)
-            files = plot_curves(data, grouped[data], folder)
-            ds["curve_metrics"] = [m for m in files if m != "_overview"]
-            ds["plots"] = {m: _rel(folder / f, root) for m, f in files.items()}
-            sheet = folder / "samples.png"
-            if sample_sheet(data, grouped[data], sheet, preview=ds["preview"]):
-                ds["samples"] = _rel(sheet, root)
-    (root / "report.md").write_text(render_markdown(report) + "\n")
-    (root / "report.json").write_text(json.dumps(_jsonable(report), indent=2) + "\n")
+    try:
+        if plots:
+            grouped = group_runs(runs)
+            for data, ds in report["datasets"].items():
+                folder = root / "plots" / _safe(data)
+                files = plot_curves(data, grouped[data], folder)
+                ds["curve_metrics"] = [m for m in files if m != "_overview"]
+                ds["plots"] = {m: _rel(folder / f, root) for m, f in files.items()}
+                sheet = folder / "samples.png"
+                if sample_sheet(data, grouped[data], sheet, preview=ds["preview"]):
+                    ds["samples"] = _rel(sheet, root)
+        (root / "report.md").write_text(render_markdown(report) + "\n")
+        (root / "report.json").write_text(json.dumps(_jsonable(report), indent=2) + "\n")
+    except OSError as exc:
+        raise ReportError(f"{exc.filename or root}: cannot write the report ({exc.strerror or exc})") from None
     return report
 
 

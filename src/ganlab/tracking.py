@@ -22,6 +22,31 @@ from pytorch_lightning.utilities import rank_zero_only
 W_AND_B_TIMEOUT_S = 10  # an unreachable server costs at most this (plus the offline start) before training
 
 
+def kept_rows(path: Path, keep_until: int) -> tuple[list[str], list[dict[str, str]]]:
+    """The columns of ``metrics.csv`` at ``path`` and its rows up to generator step ``keep_until`` (what a resumed
+    run keeps); a row whose step is not a number is a one-line :class:`~ganlab.errors.UserError` (the file is left
+    as it is)."""
+    from ganlab.errors import UserError
+
+    try:
+        with path.open(newline="") as f:
+            reader = csv.DictReader(f)
+            columns = list(reader.fieldnames or ["step"])
+            rows = []
+            for line, row in enumerate(reader, start=2):
+                if not row.get("step"):
+                    continue
+                try:
+                    step = int(float(row["step"]))
+                except (TypeError, ValueError, OverflowError):
+                    raise UserError(f"{path}: line {line}: step {row['step']!r} is not a number") from None
+                if step <= keep_until:
+                    rows.append(row)
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise UserError(f"{path}: cannot be read ({exc})") from None
+    return columns, rows
+
+
 class RunCSVLogger(Logger):
     """``metrics.csv`` in the run folder: one row per logged generator step, written and flushed when logged (a
     SIGKILL loses at most the rows since the last log step), never deleted.
@@ -38,10 +63,7 @@ class RunCSVLogger(Logger):
         self.columns: list[str] = ["step"]
         rows: list[dict[str, str]] = []
         if keep_until is not None and source.is_file():
-            with source.open(newline="") as f:
-                reader = csv.DictReader(f)
-                self.columns = list(reader.fieldnames or ["step"])
-                rows = [r for r in reader if r.get("step") and int(float(r["step"])) <= keep_until]
+            self.columns, rows = kept_rows(source, keep_until)
         self._rewrite(rows)
 
     # -- Lightning's Logger interface -----------------------------------------------------------------------
