@@ -173,3 +173,35 @@ def test_a_branch_into_a_new_folder_gets_its_own_wandb_run_and_eval_keeps_the_ru
     evaluate(tmp_path / "b", ["metrics.n_samples=200"])
     wandb.teardown()
     assert seen and all(k["id"] == branch["wandb_id"] and k.get("config") is None for k in seen)
+
+
+def test_resume_auto_after_a_kill_before_the_first_checkpoint_keeps_the_earlier_attempts_files(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "run"
+    train(compose_cfg([*RING, "max_steps=3"]), run)
+    # what a SIGKILL before the first checkpoint leaves: rows, a config, a running record, no checkpoint
+    (run / "checkpoints" / "last.ckpt").unlink()
+    killed = {**_summary(run), "status": "running"}
+    killed.pop("final")
+    (run / "summary.json").write_text(json.dumps(killed))
+    rows, config = (run / "metrics.csv").read_bytes(), (run / "config.yaml").read_bytes()
+    capsys.readouterr()
+    summary = train(compose_cfg([*RING, "max_steps=4", "resume=auto"]), run)
+    assert "training from generator step 0" in capsys.readouterr().out
+    assert summary["status"] == "completed" and summary["g_steps"] == 4
+    assert (run / "metrics.attempt1.csv").read_bytes() == rows and (run / "config.attempt1.yaml").read_bytes() == config
+    entry = summary["attempts"][-1]
+    assert entry["restarted"] and entry["before"]["status"] == "running"
+    assert entry["kept"] == ["metrics.attempt1.csv", "config.attempt1.yaml"]
+    assert b"max_steps: 4" in (run / "config.yaml").read_bytes()
+
+
+def test_resume_auto_on_a_completed_run_without_its_checkpoint_is_refused(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    train(compose_cfg([*RING, "max_steps=3"]), run)
+    (run / "checkpoints" / "last.ckpt").unlink()
+    before = _files(run)
+    with pytest.raises(UserError, match=r"completed run but no checkpoints/last\.ckpt"):
+        train(compose_cfg([*RING, "max_steps=3", "resume=auto"]), run)
+    assert _files(run) == before

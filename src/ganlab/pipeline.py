@@ -318,6 +318,11 @@ def _resume_point(cfg: DictConfig, run_dir: Path, previous: Mapping[str, Any]) -
                 f"{run_dir} already holds a run ({previous.get('status', 'unknown')}): resume=auto continues it, "
                 "another folder starts a new one"
             )
+        if previous.get("status") == "completed":  # resume=auto: its checkpoint is gone, its record stays
+            raise UserError(
+                f"{run_dir} holds a completed run but no checkpoints/last.ckpt: nothing to resume from (another "
+                "folder starts a new run)"
+            )
         return None, None
     holds = previous or any((run_dir / name).exists() for name in ("checkpoints/last.ckpt", "metrics.csv"))
     if holds and not same_folder(ckpt, run_dir):
@@ -406,6 +411,30 @@ def _finish_signal(exc: Interrupted, previous: Mapping[int, Any]) -> None:
     handler = previous.get(exc.signum)
     if callable(handler) and exc.signum == signal.SIGUSR2:
         handler(exc.signum, None)
+
+
+def _restart(record: RunRecord, run_dir: Path) -> None:
+    """Start again from step 0 in a folder whose earlier attempt left no checkpoint, keeping that attempt's
+    ``metrics.csv`` and ``config.yaml`` as ``metrics.attempt<N>.csv`` and ``config.attempt<N>.yaml`` (its record in
+    ``attempts``); says so in one line."""
+    number = record.restart()
+    kept = []
+    rows = run_dir / "metrics.csv"
+    target, k = run_dir / f"metrics.attempt{number}.csv", 2
+    while target.exists():
+        target, k = run_dir / f"metrics.attempt{number}-{k}.csv", k + 1
+    if rows.is_file():
+        rows.replace(target)  # atomic: the rows are in one file or the other, never lost
+        kept.append(target.name)
+    config = keep_config(run_dir, number)
+    if config is not None:
+        kept.append(config)
+    record["attempts"][-1]["kept"] = kept
+    print(
+        f"no checkpoint in {run_dir} (attempt {number} stopped before its first): training from generator step 0"
+        + (f"; attempt {number}'s files kept as {' and '.join(kept)}" if kept else ""),
+        flush=True,
+    )
 
 
 def final_from_csv(path: Path, step: int) -> dict[str, float]:
@@ -528,13 +557,17 @@ def train(cfg: DictConfig, run_dir: Path, *, identity: Mapping[str, Any] | None 
             if cfg.logger.get("csv") and rows.is_file():
                 kept_rows(rows, int(state["ganlab"]["g_step"]))  # a damaged history is refused before any write
         written = True  # from here on the run owns the folder: its record says how it ends
+        if ckpt is None and (previous or (run_dir / "metrics.csv").is_file()):
+            _restart(record, run_dir)  # resume=auto, but the earlier attempt stopped before its first checkpoint
         last = run_dir / "checkpoints" / "last.ckpt"
         if state is not None and record.previous.get("status") == "completed" and same_folder(ckpt, run_dir):
             # the completed run's checkpoint stays: this attempt overwrites last.ckpt
             step = int(state["ganlab"]["g_step"]) if ckpt.resolve() == last.resolve() else read_checkpoint_step(last)
             if step is not None:
                 record.note_attempt(kept_checkpoint=keep_checkpoint(last, step))
-        if record.continued and same_folder(ckpt, run_dir):  # the earlier attempt's config stays beside the new one
+        if (
+            ckpt is not None and record.continued and same_folder(ckpt, run_dir)
+        ):  # the earlier attempt's config stays beside the new one
             kept = keep_config(run_dir, len(record["attempts"]))
             if kept is not None:
                 record["attempts"][-1]["before"]["config"] = kept
@@ -555,7 +588,7 @@ def train(cfg: DictConfig, run_dir: Path, *, identity: Mapping[str, Any] | None 
             cfg.logger,
             run_dir,
             run_config,
-            wandb_id=record.previous.get("wandb_id"),
+            wandb_id=record.previous.get("wandb_id") if ckpt is not None else None,  # a restart: a new W&B run
             keep_until=int(state["ganlab"]["g_step"]) if state is not None else None,
             history=history,
             said=said,

@@ -179,6 +179,20 @@ class RunRecord:
         self.data.update(resumed_from=str(ckpt), attempts=attempts)
         self.continued = True
 
+    def restart(self) -> int:
+        """Record that this run starts again from step 0 in a folder whose earlier attempt stopped before its first
+        checkpoint (``resume=auto``): what that attempt's record said is kept in a new entry of ``attempts``
+        (``restarted``; ``before``, with its W&B id: the restart is a new W&B run). Returns the earlier attempt's
+        number (its files are kept as ``metrics.attempt<N>.csv`` and ``config.attempt<N>.yaml``)."""
+        earlier = list(self.previous.get("attempts") or [])
+        before = {k: self.previous[k] for k in (*OUTCOME_KEYS, "wandb_id") if k in self.previous}
+        entry = {"restarted": True, "from_step": 0, "git_commit": self.data.get("git_commit"), "before": before}
+        entry["overrides"] = self.data.get("overrides")
+        self.earlier_times = {k: float(self.previous.get(k) or 0.0) for k in TIME_KEYS}
+        self.data.update(attempts=[*earlier, entry])
+        self.continued = True
+        return len(earlier) + 1
+
     def add_times(self, **own: float) -> None:
         """Record this attempt's own times (``train_time_s``, ``wall_time_s``, ``eval_time_s``): in its entry of
         ``attempts`` and, added to the earlier attempts' totals in this folder, at the top level (the run's
