@@ -35,6 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ganlab.record import write_text
+
 # what each preview kind (the data set's declaration, recorded in summary.json's ``data.preview``) shows
 PREVIEW_CAPTIONS = {
     "grid": "final sample grids",
@@ -828,8 +830,9 @@ def write_report(root: Path, *, plots: bool = True, baseline: str = DEFAULT_BASE
                 sheet = folder / "samples.png"
                 if sample_sheet(data, grouped[data], sheet, preview=ds["preview"]):
                     ds["samples"] = _rel(sheet, root)
-        (root / "report.md").write_text(render_markdown(report) + "\n")
-        (root / "report.json").write_text(json.dumps(_jsonable(report), indent=2) + "\n")
+        # atomic: a kill or a full disk leaves the earlier report.md/report.json whole, never half of one
+        write_text(root / "report.md", render_markdown(report) + "\n")
+        write_text(root / "report.json", json.dumps(_jsonable(report), indent=2) + "\n")
     except OSError as exc:
         raise ReportError(f"{exc.filename or root}: cannot write the report ({exc.strerror or exc})") from None
     return report
