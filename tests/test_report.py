@@ -14,7 +14,9 @@ from ganlab import report as rep
 from ganlab.report import direction, is_result, main, write_report
 
 
-def _run(folder: Path, loss: str, seed: int, job: int | None, status: str = "completed", **final: float) -> None:
+def _run(
+    folder: Path, loss: str, seed: int, job: int | None, status: str = "completed", params_d: int = 1000, **final: float
+) -> None:
     folder.mkdir(parents=True)
     summary = {
         "status": status,
@@ -23,6 +25,8 @@ def _run(folder: Path, loss: str, seed: int, job: int | None, status: str = "com
         "choices": {"data": "ring8", "loss": loss},
         "overrides": [f"loss={loss}", f"seed={seed}"],
         "final": final,
+        "params/g": 500,
+        "params/d": params_d,
     }
     (folder / "summary.json").write_text(json.dumps(summary))
 
@@ -79,7 +83,16 @@ def test_paired_differences_arm_order_and_pending_jobs(tmp_path: Path, capsys: p
     for arm, loss in enumerate(("minibatch_discrimination", "non_saturating", "minimax")):
         for seed, value in enumerate(modes[loss]):
             job = 4 * arm + seed  # Hydra's numbering: the first axis varies slowest
-            _run(sweep / f"{job}_{loss}_{seed}", loss, seed, job, modes2500=value, **{"lr/g": 0.0, "loss/d": 1.0})
+            d = 1234 + (seed == 2) if loss == "minibatch_discrimination" else 1000  # MD: a bigger D (one run bigger)
+            _run(
+                sweep / f"{job}_{loss}_{seed}",
+                loss,
+                seed,
+                job,
+                params_d=d,
+                modes2500=value,
+                **{"lr/g": 0.0, "loss/d": 1.0},
+            )
     _run(sweep / "10_minimax_2", "minimax", 2, 10, status="failed", modes2500=1.0)
     # Hydra's record: 3 arms x 4 seeds = 12 jobs; seed 3 (jobs 3, 7, 11) never started
     record = {
@@ -97,6 +110,10 @@ def test_paired_differences_arm_order_and_pending_jobs(tmp_path: Path, capsys: p
     assert ds["results"] == ["modes2500"] and ds["diagnostics"] == ["loss/d"]
     assert "lr/g" not in ds["metrics"] and "lr/g" not in out
     assert "modes2500 ↑" in out and "Diagnostics:" in out
+    # each arm's parameter counts beside its results (a range where its runs differ), not among the diagnostics
+    assert "| arm | n | seeds | failed | G params | D params | modes2500 ↑ |" in out
+    assert "| 500 | 1,234–1,235 |" in out and "| 500 | 1,000 |" in out
+    assert out.count("D params") == 1 and ds["arms"][0]["params"] == {"g": [500], "d": [1234, 1235]}
 
     pairs = {row["arm"]: row for row in ds["paired"]["rows"]}
     assert ds["paired"]["baseline"] == "non_saturating" and set(pairs) == {"minibatch_discrimination", "minimax"}

@@ -98,6 +98,7 @@ class Run:
     variant: tuple[str, ...] = ()  # overrides besides loss that set this run's arm apart (filled by group_runs)
     trained: dict[str, Any] = field(default_factory=dict)  # the config it trained with (trained_with)
     job_num: int | None = None  # the job's number in its Hydra sweep (None: not a Hydra sweep job)
+    params: dict[str, int] = field(default_factory=dict)  # the nets' parameter counts ({"g": .., "d": ..})
 
     @property
     def arm(self) -> str:
@@ -161,7 +162,19 @@ def load_run(summary_path: Path) -> Run:
         preview=_recorded_preview(summary),
         job_num=summary.get("job_num"),
         trained=trained_with(folder, summary),
+        params={k.split("/", 1)[1]: int(v) for k, v in summary.items() if k.startswith("params/") and _count(v)},
     )
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _span(counts: Sequence[int]) -> str:
+    """Sorted counts as one cell: ``198,589``, or ``133,889–198,589`` when the runs differ, ``—`` for none."""
+    if not counts:
+        return "—"
+    return f"{counts[0]:,}" if counts[0] == counts[-1] else f"{counts[0]:,}–{counts[-1]:,}"
 
 
 def _value_text(value: Any) -> str:
@@ -467,6 +480,9 @@ def aggregate(root: Path, runs: Sequence[Run], *, baseline: str = DEFAULT_BASELI
                     "seeds": _seed_list(ok),
                     "failed": len(members) - len(ok),
                     "runs": [_rel(r.path, root) for r in ok],
+                    # each net's parameter counts over the arm's runs (one number when they agree): capacity an
+                    # arm adds shows beside its results
+                    "params": {n: sorted({r.params[n] for r in ok if n in r.params}) for n in ("g", "d")},
                     "metrics": {m: mean_ci([r.metrics[m] for r in ok if m in r.metrics]) for m in metrics},
                 }
             )
@@ -519,12 +535,23 @@ def markdown_table(dataset: Mapping[str, Any], columns: str = "results") -> str:
     ``metrics``: both) as mean ± 95 % CI, each header marked with the metric's better direction."""
     metrics = dataset.get(columns, dataset["metrics"])
     show_failed = any(row["failed"] for row in dataset["arms"])
-    header = ["arm", "n", "seeds", *(["failed"] if show_failed else []), *(_header(m) for m in metrics)]
+    nets = [
+        n for n in ("g", "d") if columns == "results" and any(row.get("params", {}).get(n) for row in dataset["arms"])
+    ]
+    header = [
+        "arm",
+        "n",
+        "seeds",
+        *(["failed"] if show_failed else []),
+        *(f"{n.upper()} params" for n in nets),
+        *(_header(m) for m in metrics),
+    ]
     lines = ["| " + " | ".join(_cell(h) for h in header) + " |", "|" + "---|" * len(header)]
     for row in dataset["arms"]:
         cells = [f"`{row['arm']}`", str(row["n"]), ",".join(str(s) for s in row["seeds"]) or "—"]
         if show_failed:
             cells.append(str(row["failed"]))
+        cells += [_span(row["params"][n]) for n in nets]
         cells += [_fmt(row["metrics"][m]) for m in metrics]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
