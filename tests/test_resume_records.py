@@ -40,6 +40,22 @@ def test_a_refused_resume_leaves_a_completed_run_byte_identical(tmp_path: Path) 
     assert after == before  # no file added, none changed
 
 
+def test_a_checkpoint_of_other_network_shapes_is_refused_before_any_write(tmp_path: Path) -> None:
+    # same settings, networks built by another version of the code (the minibatch layer's T on a flattened map
+    # before 2bb32aa): one line naming the tensor, the folder unchanged, not a state-dict trace after the writes
+    run = tmp_path / "run"
+    train(compose_cfg([*RING, "max_steps=3"]), run)
+    ckpt = run / "checkpoints" / "last.ckpt"
+    state = torch.load(ckpt, weights_only=True)
+    weight = state["state_dict"]["D.head.weight"]
+    state["state_dict"]["D.head.weight"] = torch.cat([weight, weight[:, :2]], dim=1)
+    torch.save(state, ckpt)
+    before = _files(run)
+    with pytest.raises(UserError, match=r"another shape \(D.head.weight \[1, 18\] in the checkpoint, \[1, 16\] here"):
+        train(compose_cfg([*RING, "max_steps=6", "resume=auto"]), run)
+    assert _files(run) == before
+
+
 def test_a_resume_from_another_run_into_a_folder_holding_a_run_is_refused(tmp_path: Path) -> None:
     source, victim = tmp_path / "source", tmp_path / "victim"
     train(compose_cfg([*RING, "max_steps=3"]), source)

@@ -94,6 +94,25 @@ def check_compatible(ckpt: Mapping[str, Any], current: Mapping[str, Any], path: 
         raise UserError(f"resume: the config differs from the checkpoint's in {'; '.join(diff)}")
 
 
+def check_weights(ckpt: Mapping[str, Any], module: nn.Module, path: Path) -> None:
+    """Refuse a resume whose checkpoint's weights do not fit ``module`` (same settings, but networks built by
+    another version of the code), in one line naming the first tensors that differ, before anything is written."""
+    saved = ckpt.get("state_dict")
+    if not isinstance(saved, Mapping):
+        return  # no weights to compare here: Lightning's load says what is missing
+    own = module.state_dict()
+    diff = [f"{k} {list(saved[k].shape)} in the checkpoint, {list(v.shape)} here" for k, v in own.items()
+            if k in saved and torch.is_tensor(saved[k]) and saved[k].shape != v.shape]  # fmt: skip
+    diff += [f"{k} missing from the checkpoint" for k in own if k not in saved]
+    diff += [f"{k} unknown here" for k in saved if k not in own]
+    if diff:
+        more = f" (and {len(diff) - 3} more)" if len(diff) > 3 else ""
+        raise UserError(
+            f"resume: {path} holds networks of another shape ({'; '.join(diff[:3])}{more}): written by another "
+            "version of the networks; start a new run, or resume with the version that wrote it"
+        )
+
+
 def all_finite(nets: list[nn.Module], optimizers: list[torch.optim.Optimizer]) -> bool:
     """Whether every parameter, buffer and optimizer state tensor is finite (one host sync per device: on a GPU,
     Adam keeps its ``step`` counts on the CPU beside the moments on the GPU)."""

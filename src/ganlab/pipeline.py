@@ -30,7 +30,7 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from ganlab import threads
 from ganlab.callbacks import PeriodicCheckpoint, Preemption, SampleGrid, StepProgress, ThreadGovernor
-from ganlab.checkpoint import check_compatible, fingerprint, read_checkpoint_step
+from ganlab.checkpoint import check_compatible, check_weights, fingerprint, read_checkpoint_step
 from ganlab.checkpoint import load as load_checkpoint
 from ganlab.data import describe
 from ganlab.ddp import GANDDPStrategy, cluster_launched, devices_per_node, launch_rank, world_size
@@ -553,6 +553,7 @@ def train(cfg: DictConfig, run_dir: Path, *, identity: Mapping[str, Any] | None 
         current = fingerprint(cfg, **resolved)
         if state is not None:
             check_compatible(state, current, ckpt)
+            check_weights(state, module, ckpt)
             rows = run_dir / "metrics.csv" if same_folder(ckpt, run_dir) else ckpt.parent.parent / "metrics.csv"
             if cfg.logger.get("csv") and rows.is_file():
                 kept_rows(rows, int(state["ganlab"]["g_step"]))  # a damaged history is refused before any write
