@@ -13,6 +13,7 @@ import torch
 
 from conftest import TINY, compose_cfg
 from ganlab.errors import UserError
+from ganlab.evaluate import load_run
 from ganlab.pipeline import train
 
 RING = [*TINY, "model.lr_decay=none", "metrics=none"]
@@ -54,6 +55,8 @@ def test_a_checkpoint_of_other_network_shapes_is_refused_before_any_write(tmp_pa
     with pytest.raises(UserError, match=r"another shape \(D.head.weight \[1, 18\] in the checkpoint, \[1, 16\] here"):
         train(compose_cfg([*RING, "max_steps=6", "resume=auto"]), run)
     assert _files(run) == before
+    with pytest.raises(UserError, match=r"another shape \(D.head.weight"):  # src/eval.py and src/generate.py too
+        load_run(run)
 
 
 def test_a_resume_from_another_run_into_a_folder_holding_a_run_is_refused(tmp_path: Path) -> None:

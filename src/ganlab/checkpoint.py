@@ -95,8 +95,9 @@ def check_compatible(ckpt: Mapping[str, Any], current: Mapping[str, Any], path: 
 
 
 def check_weights(ckpt: Mapping[str, Any], module: nn.Module, path: Path) -> None:
-    """Refuse a resume whose checkpoint's weights do not fit ``module`` (same settings, but networks built by
-    another version of the code), in one line naming the first tensors that differ, before anything is written."""
+    """Refuse a checkpoint whose weights do not fit ``module`` (same settings, but networks built by another
+    version of the code), in one line naming the first tensors that differ: before a resume writes anything, and
+    before an evaluation or sampling loads them."""
     saved = ckpt.get("state_dict")
     if not isinstance(saved, Mapping):
         return  # no weights to compare here: Lightning's load says what is missing
@@ -108,8 +109,8 @@ def check_weights(ckpt: Mapping[str, Any], module: nn.Module, path: Path) -> Non
     if diff:
         more = f" (and {len(diff) - 3} more)" if len(diff) > 3 else ""
         raise UserError(
-            f"resume: {path} holds networks of another shape ({'; '.join(diff[:3])}{more}): written by another "
-            "version of the networks; start a new run, or resume with the version that wrote it"
+            f"{path} holds networks of another shape ({'; '.join(diff[:3])}{more}): written by another version of "
+            "the networks (its summary.json names the git_commit that wrote it); use that version, or train a new run"
         )
 
 

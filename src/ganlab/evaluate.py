@@ -91,7 +91,7 @@ def load_run(target: str | Path, overrides: Sequence[str] = ()) -> LoadedRun:
     import torch
 
     from ganlab import threads
-    from ganlab.checkpoint import load
+    from ganlab.checkpoint import check_weights, load
     from ganlab.pipeline import build
     from ganlab.record import read_json
 
@@ -102,6 +102,7 @@ def load_run(target: str | Path, overrides: Sequence[str] = ()) -> LoadedRun:
         raise UserError(re.sub(r"^resume: ", "", str(exc))) from None
     pl.seed_everything(cfg.seed, workers=False, verbose=False)
     module = build(cfg)
+    check_weights(ckpt, module, ckpt_path)
     module.load_state_dict(ckpt["state_dict"])
     module.on_load_checkpoint(ckpt)  # generator step, trick states
     accelerator = str(cfg.trainer.get("accelerator", "auto"))
