@@ -358,6 +358,9 @@ def test_equilibrium_runs_d_in_training_size_chunks() -> None:
         module.D.train()
     assert values["eval/D(x_test)"] == pytest.approx(chunked.mean().item(), rel=1e-6)
     assert values["eval/D(x_test)"] != pytest.approx(whole.mean().item(), rel=1e-6)
+    # no held-out split (data=folder data.test_fraction=0): none of the three, not NaNs
+    module.data.test_x = module.data.test_x[:0]
+    assert Evaluation(eval_every=10).equilibrium(module, fake) == {}
 
 
 def test_ema_of_g_follows_its_recursion_samples_the_average_and_trains_the_live_weights(tmp_path: Path) -> None:

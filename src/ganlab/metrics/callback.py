@@ -103,7 +103,11 @@ class Evaluation(pl.Callback):
 
     @torch.no_grad()
     def equilibrium(self, module: GANModule, fake: torch.Tensor) -> dict[str, float]:
-        """Mean D(x) on held-out real data, mean D(G(z)), and D's accuracy telling them apart (½ = fooled)."""
+        """Mean D(x) on held-out real data, mean D(G(z)), and D's accuracy telling them apart (½ = fooled), on
+        sets of equal size: ``min(len(test split), len(fake))`` of each (digits: its 360 held-out images and the
+        first 360 samples). None without a held-out split (``data=folder data.test_fraction=0``)."""
+        if len(module.data.test_x) == 0:
+            return {}
         real = module.data.to_model(module.data.test_x[: len(fake)].to(module.device))
         fake = fake[: len(real)]
 

@@ -11,7 +11,10 @@ for 500; see :func:`protocol_name`):
   (stacked digits) ``is1k`` tops out near 100, ``is10k`` near 1,000.
 - ``kid<n>`` / ``kid<n>_std``: KID, cubic polynomial kernel, 100 subsets of ``min(kid_subset_size, n, n_real)``.
 - ``precision<n>`` / ``recall<n>``: Kynkäänniemi et al. 2019, k = 3, the n generated samples against a fixed
-  (seed 0) subset of ``min(n, n_real)`` reference samples, because the k-NN radii depend on the set sizes.
+  (seed 0) subset of ``min(n, n_real)`` reference samples, because the k-NN radii depend on the set sizes: sets of
+  equal size when the reference is the larger; all of a smaller reference otherwise (digits: 2,000 samples
+  against the 1,437 training images; on samples and references from one distribution, 0.619 / 0.607 against
+  0.618 / 0.610 at equal sizes, measured with 64-d Gaussians).
 
 Feature extractors: ``inception-v3-compat`` (torch-fidelity's port of the TF Inception-v3 used for published
 numbers) for natural images, and ``digits-cnn`` (:class:`DigitsFeatureExtractor`, registered here) for digits and
