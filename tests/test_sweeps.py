@@ -102,6 +102,36 @@ def test_recipe_axes_match_the_issue() -> None:
         assert len(combos) == len(arms) * seeds, recipe
 
 
+def _recipe_jobs(recipe: str) -> list[dict[str, str]]:
+    """The jobs of a Hydra recipe as the basic sweeper expands them, each as {key: value}."""
+    params = hydra_node([f"+sweep={recipe}"]).sweeper.params
+    parsed = OverridesParser.create().parse_overrides([f"{k}={v}" for k, v in params.items()])
+    return [dict(o.split("=", 1) for o in job) for job in BasicSweeper.split_arguments(parsed, None)[0]]
+
+
+def _wandb_jobs(path: Path) -> list[dict[str, str]]:
+    """The runs of a W&B grid sweep, each as {parameter: value}."""
+    axes = {k: p.get("values", [p.get("value")]) for k, p in yaml.safe_load(path.read_text())["parameters"].items()}
+    return [dict(zip(axes, map(str, combo))) for combo in itertools.product(*axes.values())]
+
+
+def test_the_sweeps_readme_tables_give_each_sweeps_seeds_and_run_count() -> None:
+    """sweeps/README.md's tables: every "seeds a–b" and "(N runs)" is what the recipe or W&B file runs."""
+    import re
+
+    rows = re.findall(r"^\| `([\w.]+)` \| (.*) \|$", (SWEEPS / "README.md").read_text(), flags=re.M)
+    checked = 0
+    for name, text in rows:
+        jobs = _wandb_jobs(SWEEPS / name) if name.endswith(".yaml") else _recipe_jobs(name)
+        if seeds := re.search(r"seeds (\d+)–(\d+)", text):
+            first, last = map(int, seeds.groups())
+            assert {int(j["seed"]) for j in jobs} == set(range(first, last + 1)), (name, text)
+        if runs := re.search(r"\((\d+) runs\)", text):
+            assert len(jobs) == int(runs.group(1)), (name, text)
+        checked += bool(seeds) + bool(runs)
+    assert {name for name, _ in rows} >= {"arms_digits", "wandb_arms_digits.yaml"} and checked >= 10
+
+
 def test_launcher_configs_compose() -> None:
     slurm = hydra_node(["hydra/launcher=slurm"]).launcher
     assert slurm._target_.endswith("SlurmLauncher")
