@@ -193,6 +193,39 @@ def test_a_signal_during_a_call_of_several_steps_stops_at_its_end_with_that_step
     assert summary["status"] == "interrupted" and summary["g_steps"] == 20
 
 
+_LATE_SIGNAL = """
+import os, signal, sys
+from pathlib import Path
+sys.path[:0] = [sys.argv[1]]
+from conftest import compose_cfg
+from test_records import RING
+from ganlab import record
+from ganlab.pipeline import train
+
+save = record.RunRecord.try_save
+
+def late(self):  # a SIGTERM as the finished run's record is written (SLURM's limit, a kill at the final line)
+    if self.data.get("status") == "completed" and not getattr(self, "sent", False):
+        self.sent = True
+        os.kill(os.getpid(), signal.SIGTERM)
+    return save(self)
+
+record.RunRecord.try_save = late
+train(compose_cfg([*RING, "max_steps=3", "metrics=none"]), Path(sys.argv[2]))
+print("returned")
+"""
+
+
+def test_a_signal_while_the_finished_runs_record_is_written_leaves_it_completed(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    tests = str(Path(__file__).resolve().parent)
+    proc = subprocess.run([sys.executable, "-c", _LATE_SIGNAL, tests, str(run)], env=env, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0 and "returned" in proc.stdout, proc.stderr[-2000:]
+    assert json.loads((run / "summary.json").read_text())["status"] == "completed"
+
+
 def test_sigterm_on_the_command_line_exits_3_with_one_line(tmp_path: Path) -> None:
     run = tmp_path / "run"
     proc = _cli([*RING, "max_steps=100000", "ckpt_every=100000", "log_every=5"], run)

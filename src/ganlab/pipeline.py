@@ -662,8 +662,8 @@ def train(cfg: DictConfig, run_dir: Path, *, identity: Mapping[str, Any] | None 
             raise UserError(f"cannot write the run's files ({exc.strerror}): {run_dir}") from None
         raise
     finally:
-        if preemption is not None:
-            preemption.restore()
+        # our signal handlers stay until the record and W&B are written: a SIGTERM now (SLURM's time limit, a
+        # kill at the final line) must not kill the process between a finished run and its record
         launcher = getattr(getattr(trainer, "strategy", None), "launcher", None)
         if hasattr(launcher, "finish"):  # DDP: the other local ranks end with this one
             launcher.finish(ok=fitted or interrupted is not None)
@@ -680,8 +680,10 @@ def train(cfg: DictConfig, run_dir: Path, *, identity: Mapping[str, Any] | None 
             record.update(thread_changes=governor.changes)
         saved = record.try_save() if written else True  # refused before its first write: the folder is as it was
         finish_wandb(loggers, exit_code=0 if record["status"] == "completed" else 1)
-        if interrupted is not None and preemption is not None:
-            _finish_signal(interrupted, preemption.previous)
+        if preemption is not None:
+            preemption.restore()  # a signal after the run completed stops nothing: the record is whole
+            if interrupted is not None:
+                _finish_signal(interrupted, preemption.previous)
     if not saved:
         raise UserError(f"cannot write {record.path} (disk full or folder removed?)")
     return record.data
