@@ -223,13 +223,19 @@ def test_an_interrupted_ddp_run_resumes_to_the_uninterrupted_run(runs: dict[str,
     assert final[1]["state"] == final[0]["state"] == runs["ddp_spy"][0]["state"]
 
 
+@pytest.mark.parametrize("omp", [None, "2"], ids=["measured", "omp2"])
 def test_auto_threads_split_the_free_cores_among_the_ranks_and_the_record_says_what_they_used(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, omp: str | None
 ) -> None:
+    """Measured (no OMP_NUM_THREADS: the usable cores // 2), or a job given 2 cores by a launcher
+    (OMP_NUM_THREADS=2): 1 thread on each of the 2 ranks, not 2 each on 2 cores."""
     from ganlab import threads
 
     _ddp_env(monkeypatch)
-    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # auto measures (the suite pins 2 elsewhere)
+    if omp is None:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # auto measures (the suite pins 2 elsewhere)
+    else:
+        monkeypatch.setenv("OMP_NUM_THREADS", omp)
     monkeypatch.setattr(threads, "others_load", lambda probe_s=0.0: 0.0)  # a quiet node, whatever runs beside
     before = torch.get_num_threads()
     try:
@@ -242,7 +248,7 @@ def test_auto_threads_split_the_free_cores_among_the_ranks_and_the_record_says_w
     finally:
         torch.set_num_threads(before)
     spies = _reports(tmp_path / "spy")
-    expected = max(1, threads.usable_cores() // 2)
+    expected = max(1, (int(omp) if omp else threads.usable_cores()) // 2)
     assert done["status"] == "completed" and sorted(spies) == [0, 1]
     assert spies[0]["threads"] == spies[1]["threads"] == expected  # each rank its share of the node
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["threads"] == expected  # the record agrees

@@ -50,8 +50,23 @@ def test_auto_splits_the_free_cores_among_the_ranks_a_run_starts_on_the_node(
     assert threads.resolve("auto", share=share) == expected
     assert threads.resolve(None, share=share) == max(1, cores // share)  # torch's default would take them all
     assert threads.resolve(None) is None and threads.resolve(3, share=share) == 3  # a number is per process
-    monkeypatch.setenv("OMP_NUM_THREADS", "5")
-    assert threads.resolve("auto", share=share) == 5  # an explicit per-process count wins
+    monkeypatch.setenv("OMP_NUM_THREADS", "5")  # the cores the caller gave this process: its ranks share them
+    assert threads.resolve("auto", share=share) == threads.resolve(None, share=share) == max(1, 5 // share)
+    assert threads.resolve("auto") == 5 and threads.resolve(None) is None  # one process: the caller's count
+
+
+@pytest.mark.parametrize(
+    ("omp", "share", "expected"), [("2", 2, 1), ("1", 2, 1), ("4", 2, 2), ("6", 4, 1), ("2", 1, 2)]
+)
+def test_omp_num_threads_is_the_job_s_cores_which_the_ranks_it_starts_here_share(
+    monkeypatch, omp, share, expected
+) -> None:
+    # a local-launcher job of cpus_per_task=2 running trainer.devices=2: 1 thread per rank, 2 on its 2 cores (not 4)
+    monkeypatch.setenv("OMP_NUM_THREADS", omp)
+    monkeypatch.setattr(threads, "usable_cores", lambda: 16)  # the machine's cores are not the job's
+    assert threads.auto_threads(share=share) == expected
+    assert threads.resolve("auto", share=share) == expected
+    assert threads.resolve(3, share=share) == 3  # a number is per process, as given
 
 
 def test_a_run_splits_its_threads_only_among_ranks_it_starts_itself(monkeypatch) -> None:

@@ -135,10 +135,11 @@ class RankLauncher(_SubprocessScriptLauncher):
             # the folder this ganlab is imported from (a checkout run as ``python src/train.py`` needs no install)
             "PYTHONPATH": os.pathsep.join(p for p in (_SRC, os.environ.get("PYTHONPATH")) if p),
         }
-        if "OMP_NUM_THREADS" not in os.environ:
-            # rank 0's count, already split among the node's ranks (ganlab.pipeline.ranks_started_here): every
-            # rank trains with the count the run records
-            env["OMP_NUM_THREADS"] = str(torch.get_num_threads())
+        # rank 0's count, already split among the node's ranks (ganlab.pipeline.ranks_started_here), also where
+        # OMP_NUM_THREADS was set: that is the cores of the whole job (a launcher's cpus_per_task), which the ranks
+        # share; passed on unchanged, every worker would take all of them. Every rank trains with the count the run
+        # records, and the workers' threads add up with rank 0's to the cores the job was given
+        env["OMP_NUM_THREADS"] = str(torch.get_num_threads())
         for local_rank in range(1, self.num_processes):
             cmd = [sys.executable, "-c", _WORKER_CMD]
             self.procs.append(subprocess.Popen(cmd, env={**env, "LOCAL_RANK": str(local_rank)}))

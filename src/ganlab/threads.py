@@ -10,8 +10,11 @@ process's own CPU time) and takes the free ones, at least 1. During the run a :c
 and adds one back after two windows in a row found the core free. Because of that watch, ``auto`` lets OpenMP's
 threads spin at barriers (torch's default, 10-43 % faster alone than sleeping ones here); a fixed count keeps them
 sleeping (``OMP_WAIT_POLICY=PASSIVE``, :func:`wait_policy`), which is the better choice when nobody watches.
-An explicit ``OMP_NUM_THREADS`` (set by the sweep launcher, SLURM or the user) wins, and nothing is watched: the
-caller already decided.
+An explicit ``OMP_NUM_THREADS`` (set by the sweep launchers to a job's ``cpus_per_task``, by SLURM or by the user)
+wins, and nothing is watched: the caller already decided how many cores this process gets. A DDP run that starts its
+other ranks itself (``trainer.devices=N`` without SLURM tasks or torchrun) shares those cores with them: with ``auto``
+or ``null`` each of its N processes takes ``max(1, OMP_NUM_THREADS // N)``, so the ranks' threads add up to the
+cores the job was given (a number is per process, as given).
 
 Floating-point reductions split differently over different thread counts, so the count a run uses shapes its last
 bits. The run records every change (``summary.json``: ``threads`` at the start, ``thread_changes`` as
@@ -112,12 +115,18 @@ def free_cores(cores: int, load: float) -> int:
     return max(1, min(cores, math.floor(cores - load + 0.5)))
 
 
-def auto_threads(probe_s: float = PROBE_S, share: int = 1) -> int:
-    """The thread count ``auto`` picks now: ``OMP_NUM_THREADS`` when set, else the cores others leave free,
-    divided among the ``share`` processes of one run that this one starts on the node (DDP), at least 1 each."""
+def env_threads() -> int | None:
+    """``OMP_NUM_THREADS`` when set to a positive count (the cores the caller gave this process), else None."""
     env = os.environ.get("OMP_NUM_THREADS", "").strip()
-    if env.isdigit() and int(env) > 0:
-        return int(env)
+    return int(env) if env.isdigit() and int(env) > 0 else None
+
+
+def auto_threads(probe_s: float = PROBE_S, share: int = 1) -> int:
+    """The thread count ``auto`` picks now: ``OMP_NUM_THREADS`` when set, else the cores others leave free; either
+    divided among the ``share`` processes of one run that this one starts on the node (DDP), at least 1 each."""
+    given = env_threads()
+    if given is not None:
+        return max(1, given // max(1, share))
     cores = usable_cores()
     load = others_load(probe_s) if cores > 1 else None
     free = cores if load is None else free_cores(cores, load)
@@ -127,9 +136,10 @@ def auto_threads(probe_s: float = PROBE_S, share: int = 1) -> int:
 def resolve(setting: object, saved: int | None = None, share: int = 1) -> int | None:
     """The count for ``model.threads``: a number as given, ``auto`` measured (or ``saved``, a resumed run's count),
     None for torch's default; ``share`` processes of one run on this node (DDP) split the cores, so there None is
-    the usable cores // share (as Lightning's launcher does) and ``auto`` the free ones // share."""
+    ``OMP_NUM_THREADS`` (else the usable cores) // share, as Lightning's launcher does, and ``auto`` the
+    ``OMP_NUM_THREADS`` or free cores // share."""
     if setting is None or setting == "":
-        return None if share <= 1 else max(1, usable_cores() // share)
+        return None if share <= 1 else max(1, (env_threads() or usable_cores()) // share)
     if str(setting) == "auto":
         return int(saved) if saved else auto_threads(share=share)
     return int(setting)  # type: ignore[call-overload]
