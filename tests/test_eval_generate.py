@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, compose_cfg
+from conftest import ROOT, compose_cfg, wandb_records
 from ganlab.errors import UserError
 from ganlab.evaluate import evaluate
 from ganlab.evaluate import main as eval_main
@@ -79,7 +79,15 @@ def test_an_evaluation_with_the_runs_protocol_reproduces_its_final_metrics_exact
         wandb_id = json.loads(summary_before)["wandb_id"]
         new = set((run / "wandb").glob("*run-*")) - wandb_before
         assert new and all(wandb_id in p.name for p in new), new
-        assert any(p.stat().st_size > 0 for d in new for p in d.glob(f"run-{wandb_id}.wandb"))
+        (path,) = [p for d in new for p in d.glob(f"run-{wandb_id}.wandb")]
+        records = wandb_records(path)
+        # summary values under the evaluation's own names, never a history row (its W&B step could not be known
+        # offline, and a later extension of the run would log over it) and never the training's names
+        assert not [r for r in records if r.WhichOneof("record_type") == "history"]
+        summary = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for r in records
+                   if r.WhichOneof("record_type") == "summary" for i in r.summary.update}  # fmt: skip
+        assert summary["evals/run_protocol/modes2500"] == final["modes2500"]
+        assert summary["evals/run_protocol/g_step"] == 4 and "modes2500" not in summary
 
 
 def test_another_protocol_is_a_new_result_under_its_own_names_and_reaches_the_report(runs: dict[str, Path]) -> None:

@@ -18,7 +18,7 @@ import argparse
 import re
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -111,6 +111,14 @@ def load_run(target: str | Path, overrides: Sequence[str] = ()) -> LoadedRun:
     return LoadedRun(run_dir, ckpt_path, cfg, read_json(run_dir / "summary.json"), module)
 
 
+def wandb_summary(stem: str, g_step: int, metrics: Mapping[str, float]) -> dict[str, float]:
+    """What an evaluation adds to its run's W&B run: summary values under ``evals/<stem>/`` (``stem``: its file in
+    ``evals/``), never history rows. A history row needs a W&B step past the run's last one, which an offline
+    evaluation cannot know and a later extension of the run would log over; and its names (``eval/D(G(z))``...)
+    would replace the training's last values in the run's summary."""
+    return {**{f"evals/{stem}/{k}": v for k, v in metrics.items()}, f"evals/{stem}/g_step": g_step}
+
+
 def _protocol_name(overrides: Sequence[str]) -> str:
     """A file name for the protocol: the overrides (``metrics.n_samples=50000`` -> ``n_samples50000``)."""
     parts = [re.sub(r"^metrics\.", "", o).replace("=", "") for o in overrides]
@@ -185,8 +193,7 @@ def evaluate(target: str | Path, overrides: Sequence[str] = (), *, log: bool = T
         loggers = _wandb_loggers(run)
         try:
             for logger in loggers:
-                # no explicit W&B step: the run's history has moved past this generator step; step/g says which
-                logger.experiment.log({**metrics, "step/g": run.module.g_step})
+                logger.experiment.summary.update(wandb_summary(path.stem, run.module.g_step, metrics))
         finally:
             finish_wandb(loggers)
     entry["path"] = str(path)
