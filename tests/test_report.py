@@ -128,6 +128,12 @@ def test_paired_differences_arm_order_and_pending_jobs(tmp_path: Path, capsys: p
 
     jobs = {j["job"]: j for j in report["jobs"]}
     assert {n for n, j in jobs.items() if j["state"] == "pending"} == {3, 7, 11}
+    # a job whose folder exists but holds no run stopped before training (a refused config): failed, not pending
+    (sweep / "3_ring8_minibatch_discrimination_seed3").mkdir()
+    again_jobs = {j["job"]: j for j in write_report(sweep, plots=False)["jobs"]}
+    assert again_jobs[3]["state"] == "failed" and "no summary.json" in again_jobs[3]["reason"]
+    assert again_jobs[3]["run"] == "3_ring8_minibatch_discrimination_seed3" and again_jobs[7]["state"] == "pending"
+    (sweep / "3_ring8_minibatch_discrimination_seed3").rmdir()
     assert jobs[10]["state"] == "failed" and "seed=2" in jobs[10]["overrides"] and set(jobs) == {3, 7, 10, 11}
     assert "pending" in (sweep / "report.md").read_text()
 
@@ -146,3 +152,15 @@ def test_a_sweep_with_only_pending_jobs_still_reports_them(tmp_path: Path) -> No
     OmegaConf.save(OmegaConf.create(record), sweep / "multirun.yaml")
     report = write_report(sweep, plots=False)
     assert [j["state"] for j in report["jobs"]] == ["pending", "pending"]
+
+
+def test_only_evaluations_of_the_final_checkpoint_join_a_runs_results(tmp_path: Path) -> None:
+    # evaluated at step 30, then extended to 60: the step-30 numbers are not the run's result
+    run = tmp_path / "run"
+    _run(run, "minimax", 0, None, modes2500=1.0)
+    summary = json.loads((run / "summary.json").read_text())
+    (run / "summary.json").write_text(json.dumps({**summary, "g_steps": 60}))
+    (run / "evals").mkdir()
+    (run / "evals" / "n_samples5000.json").write_text(json.dumps({"g_step": 30, "metrics": {"modes5k": 2.0}}))
+    (run / "evals" / "n_samples500.json").write_text(json.dumps({"g_step": 60, "metrics": {"modes500": 3.0}}))
+    assert rep.load_run(run / "summary.json").metrics == {"modes2500": 1.0, "modes500": 3.0}

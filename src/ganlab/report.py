@@ -158,7 +158,8 @@ def load_run(summary_path: Path) -> Run:
         overrides=overrides,
         status=str(summary.get("status", "unknown")),
         error=summary.get("error"),
-        metrics={**eval_metrics(folder), **_final_metrics(summary)},  # the training's values win a shared name
+        # the training's values win a shared name
+        metrics={**eval_metrics(folder, summary.get("g_steps")), **_final_metrics(summary)},
         preview=_recorded_preview(summary),
         job_num=summary.get("job_num"),
         trained=trained_with(folder, summary),
@@ -215,15 +216,20 @@ def _trained_value(run: Run, key: str) -> str | None:
     return _value_text(node)
 
 
-def eval_metrics(run_dir: Path) -> dict[str, float]:
-    """The metrics of the run's later evaluations (``evals/*.json`` from ``src/eval.py``), oldest file first, so a
-    newer evaluation of the same protocol wins."""
+def eval_metrics(run_dir: Path, g_step: Any = None) -> dict[str, float]:
+    """The metrics of the run's later evaluations (``evals/*.json`` from ``src/eval.py``) of its final checkpoint,
+    the one at generator step ``g_step`` (the summary's ``g_steps``): an evaluation of an earlier checkpoint (the
+    run was extended since) is not the run's result. Oldest file first, so a newer evaluation of the same protocol
+    wins."""
     merged: dict[str, float] = {}
     files = [p for p in (run_dir / "evals").glob("*.json") if p.name != "index.json"]
     for path in sorted(files, key=lambda p: p.stat().st_mtime):
         try:
-            block = json.loads(path.read_text()).get("metrics") or {}
+            entry = json.loads(path.read_text())
+            block = entry.get("metrics") or {}
         except (OSError, ValueError, AttributeError):
+            continue
+        if g_step is not None and entry.get("g_step") != g_step:
             continue
         merged.update(_final_metrics({"final": block}))
     return merged
@@ -443,19 +449,33 @@ def sweep_jobs(root: Path, runs: Sequence[Run]) -> list[dict[str, Any]]:
     except Exception:  # an unreadable record lists nothing rather than failing the report
         return []
     by_num = {r.job_num: r for r in runs if isinstance(r.job_num, int)}
+    # a job's folder (hydra.sweep.subdir starts with its number) that holds no run: it stopped before writing one
+    started = {
+        int(p.name.split("_", 1)[0]): p for p in root.iterdir() if p.is_dir() and p.name.split("_", 1)[0].isdigit()
+    }
     out = []
     for num, overrides in enumerate(jobs):
         run = by_num.get(num)
         if run is not None and run.status == "completed":
             continue
-        state = "pending" if run is None else "running" if run.status == "running" else "failed"
+        folder = started.get(num) if run is None else None
+        if run is not None:
+            state, where, reason = ("running" if run.status == "running" else "failed"), run.path, run.problem
+        elif folder is not None:
+            state, where = "failed", folder
+            reason = (
+                "its folder holds no summary.json: the job stopped before training (see the sweep's log or "
+                ".submitit/), or is starting now"
+            )
+        else:
+            state, where, reason = "pending", None, None
         out.append(
             {
                 "job": num,
                 "overrides": " ".join(overrides),
                 "state": state,
-                "run": None if run is None else _rel(run.path, root),
-                "reason": None if run is None else run.problem,
+                "run": None if where is None else _rel(where, root),
+                "reason": reason,
             }
         )
     return out
