@@ -3,8 +3,10 @@
 
 - :class:`CappedLocalLauncher` (``hydra/launcher=local``): submitit's local launcher starts every job of a sweep at
   once; on two cores twenty GAN runs then thrash. This one keeps a *pool* of at most
-  ``usable cores // cpus_per_task`` jobs, each with ``cpus_per_task`` threads, and starts the next job as soon as
-  one ends (a slow arm never idles the other slots).
+  ``usable cores // max(cpus_per_task, trainer.devices)`` jobs and starts the next job as soon as one ends (a slow
+  arm never idles the other slots). A job gets ``cpus_per_task`` threads (``OMP_NUM_THREADS``), which the ranks of
+  a DDP job (``trainer.devices=N``) share, ``max(1, cpus_per_task // N)`` each (:mod:`ganlab.threads`); its N
+  processes need N cores however few threads each has.
 - :class:`RecipeSlurmLauncher` (``hydra/launcher=slurm``): the plugin's SLURM launcher, with the GPU request read
   from the data sets the jobs train on (``gpus_per_node: null``: 1 for image data, 0 for 2-D/1-D points) and the
   job name from the recipe.
@@ -93,12 +95,39 @@ class _OnceLogging(BaseSubmititLauncher):
         return super().__call__(*args, **kwargs)
 
 
-class CappedLocalLauncher(_OnceLogging, _SubmititLocalLauncher):
-    """``submitit_local`` as a pool of at most ``usable_cores() // cpus_per_task`` parallel jobs."""
+def job_ranks(trainer_cfg: Any) -> int:
+    """Processes one job starts on this machine: ``trainer.devices`` (a DDP run; ``auto`` as the run resolves it),
+    else 1. The local launcher runs every job on this one node."""
+    devices = trainer_cfg.get("devices", 1)
+    if str(devices) == "auto":
+        from ganlab.ddp import devices_per_node  # imports torch: only where it is needed
 
-    def max_parallel(self) -> int:
-        """How many jobs run at once: the usable cores divided by the threads each job gets."""
-        return max(1, usable_cores() // self.threads())
+        return max(1, devices_per_node(trainer_cfg))
+    return max(1, int(devices))
+
+
+class CappedLocalLauncher(_OnceLogging, _SubmititLocalLauncher):
+    """``submitit_local`` as a pool of at most ``usable_cores() // max(cpus_per_task, trainer.devices)`` parallel
+    jobs (the largest ``trainer.devices`` among the sweep's jobs)."""
+
+    def cores_per_job(self, ranks: int = 1) -> int:
+        """Cores a job takes: its ``cpus_per_task`` threads, and at least one core per process of a DDP job of
+        ``ranks`` processes (each rank runs at least 1 thread)."""
+        return max(self.threads(), ranks)
+
+    def max_parallel(self, ranks: int = 1) -> int:
+        """How many jobs of ``ranks`` processes each run at once: the usable cores // :meth:`cores_per_job`."""
+        return max(1, usable_cores() // self.cores_per_job(ranks))
+
+    def plan(self, jobs: int, ranks: int = 1) -> str:
+        """The log line saying how many jobs run at once and why, and how many threads each process takes."""
+        threads, per_job = self.threads(), self.cores_per_job(ranks)
+        rule = (
+            f"{usable_cores()} usable cores // {per_job} per job: max(cpus_per_task {threads}, trainer.devices {ranks})"
+        )
+        each = f", shared by its {ranks} DDP ranks: {max(1, threads // ranks)} each" if ranks > 1 else ""
+        cap = self.max_parallel(ranks)
+        return f"Local sweep: {jobs} jobs, at most {cap} at once ({rule}), {threads} thread(s) per job{each}"
 
     def threads(self) -> int:
         """Threads per job: ``cpus_per_task`` (1 when unset)."""
@@ -127,9 +156,11 @@ class CappedLocalLauncher(_OnceLogging, _SubmititLocalLauncher):
         from hydra.core.singleton import Singleton
         from hydra.core.utils import filter_overrides
 
-        assert self.config is not None
-        cap = self.max_parallel()
-        log.info(f"Local sweep: {len(job_overrides)} jobs, at most {cap} at once, {self.threads()} thread(s) each")
+        assert self.config is not None and self.hydra_context is not None
+        loader = self.hydra_context.config_loader
+        ranks = max(job_ranks(loader.load_sweep_config(self.config, list(o)).trainer) for o in job_overrides)
+        cap = self.max_parallel(ranks)
+        log.info(self.plan(len(job_overrides), ranks))
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
         executor = self._executor()
