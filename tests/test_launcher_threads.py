@@ -1,5 +1,5 @@
-"""The sweep launchers give each job its cores: the local pool counts a DDP job's ranks, so a sweep's threads add up
-to the cores it was given."""
+"""The sweep launchers give each job its cores: the local pool counts a DDP job's ranks, and the SLURM script sets
+each task's thread count, so a sweep's threads add up to the cores it was given."""
 
 from __future__ import annotations
 
@@ -88,3 +88,49 @@ def test_a_local_ddp_sweep_runs_as_many_jobs_as_its_ranks_leave_cores(
     line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("Local sweep"))
     assert f"at most {cap} at once" in line and "max(cpus_per_task 1, trainer.devices" in line, line
     assert (each is not None) == (f"{each} each" in line), line
+
+
+# ----------------------------------------------------------------------------------------------- SLURM
+
+
+@pytest.mark.parametrize(("cpus", "setup"), [(4, None), (3, ["module load cuda"])])
+def test_the_slurm_script_gives_each_task_its_cpus_as_threads(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, cpus: int, setup: list[str] | None
+) -> None:
+    """Through the launcher's own launch with a stand-in sbatch that keeps the script it is given: the thread
+    variables are exported before srun starts the tasks, the user's setup lines still follow, and a second launch
+    of the same launcher does not add them twice."""
+    import submitit.slurm.slurm as submitit_slurm
+
+    bin_dir, scripts = tmp_path / "bin", tmp_path / "scripts"
+    bin_dir.mkdir()
+    scripts.mkdir()
+    fakes = {
+        "sbatch": f'n=$(ls {scripts} | wc -l); cp "${{@: -1}}" {scripts}/job$n.sh; echo "Submitted batch job 4242$n"',
+        "srun": "exit 0",
+        "sacct": "exit 0",
+        "scancel": "exit 0",
+    }
+    for name, body in fakes.items():
+        (bin_dir / name).write_text(f"#!/bin/bash\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        monkeypatch.delenv(var, raising=False)  # the script must say it, not this process's environment
+    monkeypatch.setattr(submitit_slurm.SlurmJob, "results", lambda self: [None])  # no job will ever run
+    overrides = ["hydra/launcher=slurm", f"hydra.launcher.cpus_per_task={cpus}", "hydra.launcher.gpus_per_node=0"]
+    if setup:
+        overrides.append(f"hydra.launcher.setup=[{','.join(repr(s) for s in setup)}]")
+    launcher = _launcher([*overrides, *POINTS], tmp_path)
+    for _ in range(2):
+        launcher.launch([[*POINTS, "seed=0"], [*POINTS, "seed=1"]], 0)
+    texts = [p.read_text() for p in sorted(scripts.glob("job*.sh"))]
+    assert len(texts) == 2  # one array per launch
+    for text in texts:
+        lines = text.splitlines()
+        srun = next(i for i, line in enumerate(lines) if line.startswith("srun "))
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+            assert lines.count(f"export {var}={cpus}") == 1 and lines.index(f"export {var}={cpus}") < srun, text
+        for line in setup or []:
+            assert lines.index(line) > lines.index(f"export OMP_NUM_THREADS={cpus}"), text  # the user's come last
+    assert launcher.params["setup"] == setup  # the launcher's settings as given

@@ -9,7 +9,10 @@
   processes need N cores however few threads each has.
 - :class:`RecipeSlurmLauncher` (``hydra/launcher=slurm``): the plugin's SLURM launcher, with the GPU request read
   from the data sets the jobs train on (``gpus_per_node: null``: 1 for image data, 0 for 2-D/1-D points) and the
-  job name from the recipe.
+  job name from the recipe. Its sbatch script exports ``OMP_NUM_THREADS`` (and MKL's, OpenBLAS's) =
+  ``cpus_per_task`` before ``srun`` (:func:`thread_setup`): SLURM starts one task per rank, each with its
+  ``cpus_per_task`` cores, and ``model.threads=auto`` takes that count instead of relying on CPU binding (a
+  cluster that does not bind tasks to cores would let every rank take all of the node's CPUs).
 
 Both print each submitit log line once inside a job (see :func:`_log_once`).
 """
@@ -192,9 +195,17 @@ def gpus_for(job_configs: Sequence[Any]) -> int:
     return 1 if "image" in kinds else 0
 
 
+def thread_setup(cpus_per_task: Any, setup: Sequence[str] | None) -> list[str]:
+    """The sbatch script's setup lines: the thread-count variables = ``cpus_per_task`` (1 when unset; the cores of
+    each task, one task per rank), then the user's own ``setup`` lines (which may set them otherwise)."""
+    threads = max(1, int(cpus_per_task or 1))
+    return [f"export {key}={threads}" for key in _THREAD_VARS] + list(setup or [])
+
+
 class RecipeSlurmLauncher(_OnceLogging, _SubmititSlurmLauncher):
     """The plugin's SLURM launcher; ``gpus_per_node: null`` asks for what the sweep's data sets need
-    (:func:`gpus_for`, composed per job as Hydra will run it)."""
+    (:func:`gpus_for`, composed per job as Hydra will run it), and each task's thread count is its
+    ``cpus_per_task`` (:func:`thread_setup`)."""
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         if self.params.get("gpus_per_node") is None:
@@ -203,7 +214,14 @@ class RecipeSlurmLauncher(_OnceLogging, _SubmititSlurmLauncher):
             configs = [loader.load_sweep_config(self.config, list(o)) for o in job_overrides]
             self.params["gpus_per_node"] = gpus_for(configs) * int(self.params.get("tasks_per_node") or 1)  # DDP
             log.info(f"SLURM: {self.params['gpus_per_node']} GPU(s) per job (from the jobs' data sets)")
-        return super().launch(job_overrides, initial_job_idx)
+        # in the script, not only in this process's environment (which sbatch copies unless the cluster sets
+        # --export=NONE); restored after, so a second launch of the same sweep does not add the lines again
+        user_setup = self.params.get("setup")
+        self.params["setup"] = thread_setup(self.params.get("cpus_per_task"), user_setup)
+        try:
+            return super().launch(job_overrides, initial_job_idx)
+        finally:
+            self.params["setup"] = user_setup
 
 
 def _failed(overrides: Sequence[str], exc: BaseException) -> Any:
