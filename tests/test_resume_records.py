@@ -59,6 +59,17 @@ def test_a_checkpoint_of_other_network_shapes_is_refused_before_any_write(tmp_pa
         load_run(run)
 
 
+def test_a_new_run_that_fails_while_building_records_why(tmp_path: Path) -> None:
+    # only a folder that holds a run waits for every check before writing; a new one says how it ended
+    empty = tmp_path / "images"
+    empty.mkdir()
+    with pytest.raises(UserError, match="no images"):
+        train(compose_cfg([*RING, "data=folder", f"data.path={empty}"]), tmp_path / "run")
+    summary = _summary(tmp_path / "run")
+    assert summary["status"] == "failed" and "no images" in summary["error"]
+    assert (tmp_path / "run" / "config.yaml").is_file()
+
+
 def test_a_resume_from_another_run_into_a_folder_holding_a_run_is_refused(tmp_path: Path) -> None:
     source, victim = tmp_path / "source", tmp_path / "victim"
     train(compose_cfg([*RING, "max_steps=3"]), source)

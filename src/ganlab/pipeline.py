@@ -540,8 +540,13 @@ def train(cfg: DictConfig, run_dir: Path, *, identity: Mapping[str, Any] | None 
     fitted = False
     t_fit: float | None = None  # when training began, and ended (None: it did not)
     t_fitted: float | None = None
-    written = False  # nothing in the folder changes until every check (load, build, compatibility) has passed
+    # a folder that holds a run changes in nothing until every check (load, build, compatibility) has passed; a
+    # new one records from the start, so a run that fails while building says why (summary.json, config.yaml)
+    written = not previous and not any(run_dir.iterdir())
     try:
+        if written:
+            record.save()
+            write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
         if ckpt is not None:
             record.resume_from(ckpt, int(state["ganlab"]["g_step"]))
         # auto: the cores free now (a resume reuses the saved count: results depend on it), split among the
