@@ -131,6 +131,14 @@ def test_extending_a_completed_run_keeps_its_completed_record_and_checkpoint(tmp
     assert (run / entry["kept_checkpoint"]).read_bytes() == ckpt_before  # the completed run's checkpoint, as it was
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["ganlab"]["g_step"] == 6
     assert _summary(run)["attempts"][-1]["before"] == before
+    # the kept step-3 checkpoint is behind last.ckpt: training from it here would rewrite rows 4-6 and their
+    # samples, so it is refused (it branches into a new folder), and the folder stays as it is
+    files = _files(run)
+    with pytest.raises(UserError, match=r"behind this folder's last\.ckpt"):
+        train(compose_cfg([*RING, "max_steps=8", f"resume={run / entry['kept_checkpoint']}"]), run)
+    assert _files(run) == files
+    branch = train(compose_cfg([*RING, "max_steps=8", f"resume={run / entry['kept_checkpoint']}"]), tmp_path / "b")
+    assert branch["status"] == "completed" and branch["g_steps"] == 8
 
 
 def test_each_attempt_keeps_its_config(tmp_path: Path) -> None:

@@ -334,6 +334,14 @@ def _resume_point(cfg: DictConfig, run_dir: Path, previous: Mapping[str, Any]) -
     step = int(state["ganlab"]["g_step"])
     if step > cfg.max_steps:
         raise UserError(f"max_steps={cfg.max_steps} is below the checkpoint's generator step {step} ({ckpt})")
+    last = run_dir / "checkpoints" / "last.ckpt"
+    newest = read_checkpoint_step(last) if same_folder(ckpt, run_dir) and ckpt.resolve() != last.resolve() else None
+    if newest is not None and newest > step:  # an earlier checkpoint of this folder (a kept step_<N>.ckpt)
+        raise UserError(
+            f"{ckpt} is at generator step {step}, behind this folder's last.ckpt (step {newest}): training from it "
+            f"here would rewrite the rows and samples after step {step}; branch it into a new folder (resume={ckpt} "
+            "with another hydra.run.dir)"
+        )
     return ckpt, state
 
 
