@@ -90,6 +90,23 @@ def test_an_evaluation_with_the_runs_protocol_reproduces_its_final_metrics_exact
         assert summary["evals/run_protocol/g_step"] == 4 and "modes2500" not in summary
 
 
+def test_two_evaluations_of_one_run_at_once_both_reach_its_index(runs: dict[str, Path], monkeypatch) -> None:
+    from ganlab.metrics.callback import Evaluation
+
+    run, original = runs["ring8"], Evaluation.evaluate
+
+    def with_another(self, trainer, module, final=True):  # a second evaluation runs while this one computes
+        monkeypatch.setattr(Evaluation, "evaluate", original)
+        inner.append(evaluate(run, ["metrics.n_samples=300"], log=False))
+        return original(self, trainer, module, final)
+
+    inner: list[dict] = []
+    monkeypatch.setattr(Evaluation, "evaluate", with_another)
+    outer = evaluate(run, ["metrics.n_samples=400"], log=False)
+    files = [e["file"] for e in json.loads((run / "evals" / "index.json").read_text())["evals"]]
+    assert Path(inner[0]["path"]).name in files and Path(outer["path"]).name in files
+
+
 def test_another_protocol_is_a_new_result_under_its_own_names_and_reaches_the_report(runs: dict[str, Path]) -> None:
     from ganlab.report import write_report
 

@@ -165,7 +165,7 @@ def evaluate(target: str | Path, overrides: Sequence[str] = (), *, log: bool = T
         raise UserError(f"{folder}: exists and is not a folder (the evaluations go there): move it away")
     if index.exists() and not index.is_file():
         raise UserError(f"{index}: exists and is not a file")
-    earlier = read_json(index).get("evals", [])  # a damaged index is one line, before the work
+    read_json(index)  # a damaged index is one line, before the work (read again below, just before the write)
     callback = metrics_callback(run.cfg)
     callback.on_fit_start(None, run.module)  # builds the evaluator for the module's data set and device
     metrics = callback.evaluate(SimpleNamespace(loggers=[]), run.module)
@@ -186,7 +186,8 @@ def evaluate(target: str | Path, overrides: Sequence[str] = (), *, log: bool = T
     }
     try:
         write_json(path, entry)
-        write_json(index, {"evals": [*earlier, entry]})
+        # read now, not before the hours of metrics: another evaluation of the run may have added its entry since
+        write_json(index, {"evals": [*read_json(index).get("evals", []), entry]})
     except OSError as exc:
         raise UserError(f"{exc.filename or folder}: cannot write the evaluation ({exc.strerror or exc})") from None
     if log:
