@@ -58,6 +58,8 @@ def test_a_job_s_ranks_are_its_trainer_devices() -> None:
     assert plugin.job_ranks(compose_cfg(POINTS).trainer) == 1
     assert plugin.job_ranks(compose_cfg([*POINTS, "trainer.devices=2"]).trainer) == 2
     assert plugin.job_ranks(compose_cfg([*POINTS, "trainer.devices=auto"]).trainer) == 1  # one CPU process
+    # a value the run cannot read: that job fails in its own one line, the sweep is not stopped before it starts
+    assert plugin.job_ranks(compose_cfg([*POINTS, "trainer.devices=two"]).trainer) == 1
 
 
 @pytest.mark.parametrize(("devices", "cap", "each"), [("1", 2, None), ("2", 1, 1), ("1,2", 1, 1)])

@@ -99,14 +99,15 @@ class _OnceLogging(BaseSubmititLauncher):
 
 
 def job_ranks(trainer_cfg: Any) -> int:
-    """Processes one job starts on this machine: ``trainer.devices`` (a DDP run; ``auto`` as the run resolves it),
-    else 1. The local launcher runs every job on this one node."""
-    devices = trainer_cfg.get("devices", 1)
-    if str(devices) == "auto":
-        from ganlab.ddp import devices_per_node  # imports torch: only where it is needed
+    """Processes one job starts on this machine: ``trainer.devices`` as the run resolves it
+    (:func:`ganlab.ddp.devices_per_node`), at least 1. A value the run cannot read counts 1: that job reports it
+    in its own one line, the sweep's other jobs run."""
+    from ganlab.ddp import devices_per_node  # imports torch: only where a sweep is launched
 
+    try:
         return max(1, devices_per_node(trainer_cfg))
-    return max(1, int(devices))
+    except (TypeError, ValueError):
+        return 1
 
 
 class CappedLocalLauncher(_OnceLogging, _SubmititLocalLauncher):
