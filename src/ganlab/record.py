@@ -89,9 +89,11 @@ def write_json(path: Path, obj: Mapping[str, Any]) -> None:
 
 
 def keep_config(run_dir: Path, attempt: int) -> str | None:
-    """Keep the run folder's ``config.yaml`` (the config of attempt ``attempt``, about to be replaced by the next
-    attempt's) as ``config.attempt<attempt>.yaml``, atomically; an existing copy stays as it is. Returns the copy's
-    name, or None when there is no config.yaml."""
+    """Keep the run folder's ``config.yaml`` (about to be replaced by the next attempt's) as
+    ``config.attempt<attempt>.yaml``, atomically; an existing copy stays as it is. ``attempt`` is the number of
+    the ``attempts`` entry that replaces it, so entries that trained nothing (a record completed from its
+    checkpoint) leave gaps in the numbers; that entry's ``before.config`` names the file. Returns the copy's name,
+    or None when there is no config.yaml."""
     current = run_dir / "config.yaml"
     if not current.is_file():
         return None
