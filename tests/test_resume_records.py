@@ -59,6 +59,18 @@ def test_a_checkpoint_of_other_network_shapes_is_refused_before_any_write(tmp_pa
         load_run(run)
 
 
+def test_a_cluster_started_rank_refuses_what_rank_0_refuses(tmp_path: Path) -> None:
+    # under SLURM every rank starts itself: a rank > 0 that did not refuse a mismatched checkpoint would wait at the
+    # rendezvous (up to GANLAB_DDP_TIMEOUT_S) for a rank 0 that has already left with its one line
+    from ganlab.pipeline import train_rank
+
+    run = tmp_path / "run"
+    train(compose_cfg([*RING, "max_steps=3", "loss=minimax"]), run)
+    ckpt = run / "checkpoints" / "last.ckpt"
+    with pytest.raises(UserError, match="differs from the checkpoint"):
+        train_rank(compose_cfg([*RING, "max_steps=6", "loss=non_saturating"]), run, ckpt)
+
+
 def test_a_new_run_that_fails_while_building_records_why(tmp_path: Path) -> None:
     # only a folder that holds a run waits for every check before writing; a new one says how it ended
     empty = tmp_path / "images"

@@ -398,7 +398,11 @@ def train_rank(cfg: DictConfig, run_dir: Path | str, ckpt: Path | str | None) ->
     threads.apply(cfg.model.get("threads"), saved_threads(state))
     pl.seed_everything(cfg.seed, workers=False, verbose=False)
     module = build(cfg)
-    cbs = callbacks(cfg, run_dir, fingerprint(cfg, **resolved_sizes(module)))
+    current = fingerprint(cfg, **resolved_sizes(module))
+    if state is not None:  # what rank 0 refuses, this rank refuses too (a SLURM-started rank would otherwise wait
+        check_compatible(state, current, Path(ckpt))  # at the rendezvous for a rank 0 that has left)
+        check_weights(state, module, Path(ckpt))
+    cbs = callbacks(cfg, run_dir, current)
     preemption = next(cb for cb in cbs if isinstance(cb, Preemption))
     preemption.install()
     try:
