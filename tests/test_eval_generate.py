@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -80,12 +81,18 @@ def test_an_evaluation_with_the_runs_protocol_reproduces_its_final_metrics_exact
         new = set((run / "wandb").glob("*run-*")) - wandb_before
         assert new and all(wandb_id in p.name for p in new), new
         (path,) = [p for d in new for p in d.glob(f"run-{wandb_id}.wandb")]
-        records = wandb_records(path)
         # summary values under the evaluation's own names, never a history row (its W&B step could not be known
-        # offline, and a later extension of the run would log over it) and never the training's names
+        # offline, and a later extension of the run would log over it) and never the training's names. W&B's
+        # service may still be writing the offline file when finish() returns: read it until its summary is there
+        deadline = time.monotonic() + 30
+        while True:
+            records = wandb_records(path)
+            summary = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for r in records
+                       if r.WhichOneof("record_type") == "summary" for i in r.summary.update}  # fmt: skip
+            if "evals/run_protocol/g_step" in summary or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
         assert not [r for r in records if r.WhichOneof("record_type") == "history"]
-        summary = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for r in records
-                   if r.WhichOneof("record_type") == "summary" for i in r.summary.update}  # fmt: skip
         assert summary["evals/run_protocol/modes2500"] == final["modes2500"]
         assert summary["evals/run_protocol/g_step"] == 4 and "modes2500" not in summary
 
