@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
 from typing import Any
 
 import pytorch_lightning as pl
@@ -148,6 +149,7 @@ class GANModule(pl.LightningModule):
         self._direct_backward = self._direct_step = False
         self._pending: dict[str, list[Tensor]] = {}  # detached losses not yet folded into the two above
         self._trainable_params: tuple[nn.Module, nn.Module, list[Tensor], list[Tensor]] | None = None
+        self._looks_across: bool | None = None  # feature matching's joint pass: batch_parts needed (cached)
         # this process's place in a DDP run (set in ``setup`` from the Trainer; one process: rank 0 of 1)
         self.rank, self.world_size = 0, 1
 
@@ -434,7 +436,9 @@ class GANModule(pl.LightningModule):
         passes: a layer that looks across the batch (minibatch discrimination) compares real with real and fake
         with fake only (:func:`batch_parts`), as the paper computes it per batch."""
         m = len(real)
-        with batch_parts(self.D, (m, len(fake))):
+        if self._looks_across is None:  # once: whether D has a layer that looks across the batch
+            self._looks_across = any(hasattr(layer, "parts") for layer in self.D.modules())
+        with batch_parts(self.D, (m, len(fake))) if self._looks_across else nullcontext():
             d_out, feats = self.D(torch.cat([real, fake]))
         return d_out[m:], [f[:m] for f in feats], [f[m:] for f in feats]
 
