@@ -554,11 +554,12 @@ def train(cfg: DictConfig, run_dir: Path, *, identity: Mapping[str, Any] | None 
     t_fitted: float | None = None
     # a folder that holds a run changes in nothing until every check (load, build, compatibility) has passed; a
     # new one records from the start, so a run that fails while building says why (summary.json, config.yaml)
-    written = not previous and not any(run_dir.iterdir())
+    written = early = not previous and not any(run_dir.iterdir())
+    config_text = OmegaConf.to_yaml(cfg, resolve=True)
     try:
-        if written:
+        if early:
             record.save()
-            write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+            write_text(run_dir / "config.yaml", config_text)
         if ckpt is not None:
             record.resume_from(ckpt, int(state["ganlab"]["g_step"]))
         # auto: the cores free now (a resume reuses the saved count: results depend on it), split among the
@@ -590,7 +591,8 @@ def train(cfg: DictConfig, run_dir: Path, *, identity: Mapping[str, Any] | None 
             if kept is not None:
                 record["attempts"][-1]["before"]["config"] = kept
         record.save()
-        write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        if not early:  # a new folder has had its config.yaml since the start
+            write_text(run_dir / "config.yaml", config_text)
         record.update(data=describe(module.data))  # how the data set is judged and previewed (the report reads it)
         n_params = {f"params/{name.lower()}": sum(p.numel() for p in net.parameters()) for name, net in
                     (("G", module.G), ("D", module.D))}  # fmt: skip
